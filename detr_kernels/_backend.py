@@ -1,0 +1,148 @@
+"""The one place that decides which backend each op of ``detr_kernels`` runs on.
+
+Every public op takes ``backend="auto"`` or an explicit name. ``resolve`` turns that into a concrete backend
+for the tensors' device and refuses, with a message that names the op, what was asked and what is available,
+when the request cannot run here. Nothing falls back silently: ``describe``/``report`` say what ``auto`` picks.
+
+Backends per op (in ``auto``'s order of preference):
+
+=============  ===========================================  ===============================
+op             on CUDA                                      on CPU
+=============  ===========================================  ===============================
+attention      triton, sdpa, reference                      sdpa, reference (+ triton when
+                                                            ``TRITON_INTERPRET=1``, explicit)
+matcher        cuda (compiled op), cpp, scipy               cpp (compiled op), scipy
+contrastive    triton, reference                            reference (+ triton interpreted)
+soft_token     triton, reference                            reference (+ triton interpreted)
+=============  ===========================================  ===============================
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+from typing import Dict, Iterable, List, Tuple
+
+import torch
+
+logger = logging.getLogger("detr_kernels")
+
+OPS: Tuple[str, ...] = ("attention", "matcher", "contrastive", "soft_token")
+
+_ALL_BACKENDS: Dict[str, Tuple[str, ...]] = {
+    "attention": ("triton", "sdpa", "reference"),
+    "matcher": ("cuda", "cpp", "scipy"),
+    "contrastive": ("triton", "reference"),
+    "soft_token": ("triton", "reference"),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run on this machine or device."""
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when the ``triton`` package imports."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def matcher_extension_status() -> Tuple[bool, bool, str]:
+    """(cpu op loaded, cuda op loaded, how it was found) for the compiled assignment solver."""
+    try:
+        from detr_kernels import _ext
+    except ImportError as err:  # the extension loader itself is missing: a broken install
+        return False, False, f"loader missing ({err})"
+    return _ext.status()
+
+
+def available(op: str, device: torch.device | str) -> List[str]:
+    """Concrete backends of ``op`` that can run on ``device``, best first."""
+    if op not in _ALL_BACKENDS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    out: List[str] = []
+    if op == "attention":
+        if triton_available() and (cuda or triton_interpreted()):
+            out.append("triton")
+        out += ["sdpa", "reference"]
+    elif op == "matcher":
+        cpu_ok, cuda_ok, _ = matcher_extension_status()
+        if cuda and cuda_ok:
+            out.append("cuda")
+        if cpu_ok:
+            out.append("cpp")
+        out.append("scipy")
+    else:
+        if triton_available() and (cuda or triton_interpreted()):
+            out.append("triton")
+        out.append("reference")
+    return out
+
+
+def auto_choice(op: str, device: torch.device | str) -> str:
+    """What ``backend="auto"`` picks for ``op`` on ``device``.
+
+    The interpreter is a correctness tool, never a speed choice: on CPU ``auto`` does not pick Triton even when
+    ``TRITON_INTERPRET=1``.
+    """
+    device = torch.device(device)
+    for name in available(op, device):
+        if name == "triton" and device.type != "cuda":
+            continue
+        return name
+    raise AssertionError("unreachable: every op has a pure-PyTorch backend")
+
+
+def resolve(op: str, backend: str, device: torch.device | str) -> str:
+    """Turn ``backend`` (``"auto"`` or a name) into the concrete backend that will run ``op`` on ``device``."""
+    if backend == "auto":
+        return auto_choice(op, device)
+    if backend not in _ALL_BACKENDS[op]:
+        raise ValueError(
+            f"backend for {op} must be 'auto' or one of {_ALL_BACKENDS[op]}, got {backend!r}"
+        )
+    names = available(op, device)
+    if backend not in names:
+        why = ""
+        if backend == "triton":
+            why = " (Triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before import)"
+        elif backend in ("cpp", "cuda"):
+            why = f" (compiled op: {matcher_extension_status()[2]})"
+        raise BackendUnavailableError(
+            f"backend {backend!r} for {op} is not available on {torch.device(device)}{why}; available: {names}"
+        )
+    return backend
+
+
+def describe(device: torch.device | str, requested: Dict[str, str] | None = None) -> Dict[str, str]:
+    """The concrete backend each op gets on ``device`` for the requested backends (default: all ``auto``)."""
+    requested = requested or {}
+    return {op: resolve(op, requested.get(op, "auto"), device) for op in OPS}
+
+
+_reported: set = set()
+
+
+def report(choices: Dict[str, str], device: torch.device | str, printer=print) -> None:
+    """Say once per process which backend every op got (``choices`` as returned by ``describe``)."""
+    key = (str(device), tuple(sorted(choices.items())))
+    if key in _reported:
+        return
+    _reported.add(key)
+    width = max(len(op) for op in choices)
+    lines = [f"detr_kernels backends on {torch.device(device)}:"]
+    for op, name in choices.items():
+        extra = ""
+        if op == "matcher":
+            extra = f"  [compiled op: {matcher_extension_status()[2]}]"
+        lines.append(f"  {op:<{width}}  {name}{extra}")
+    printer("\n".join(lines))
+

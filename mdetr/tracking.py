@@ -1,0 +1,71 @@
+"""Run logging on rank 0: ``metrics.jsonl`` (one JSON object per line), TensorBoard scalars and a PNG of the loss
+and validation curves (``curves.png``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+
+class RunLog:
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.dir = Path(output_dir)
+        self.path = self.dir / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.dir / "tensorboard"))
+
+    def log(self, kind: str, record: Dict[str, float]) -> None:
+        """``kind`` is "train" (per logging interval) or "val" (per validation)."""
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"kind": kind, **record}) + "\n")
+        if self.writer is not None:
+            step = int(record.get("step", 0))
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+            self.writer.flush()
+
+    def records(self, kind: Optional[str] = None) -> List[Dict[str, float]]:
+        if not self.path.exists():
+            return []
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [r for r in rows if kind is None or r["kind"] == kind]
+
+    def plot(self, metric: str = "precision@1") -> Optional[Path]:
+        """Loss per step (left) and the validation metric per epoch (right), to ``curves.png``."""
+        if not self.enabled:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        train, val = self.records("train"), self.records("val")
+        fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6))
+        if train:
+            ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
+        ax_loss.set(xlabel="optimizer step", ylabel="total loss", title="training loss", yscale="log")
+        if val:
+            for key in [k for k in val[-1] if k.startswith(("precision@", "qa_accuracy")) and "type" not in k]:
+                ax_val.plot([r["epoch"] + 1 for r in val], [r.get(key, float("nan")) for r in val], marker="o",
+                            label=key)
+            ax_val.legend()
+        ax_val.set(xlabel="epoch", ylabel="val", title="validation", ylim=(0, 1))
+        fig.tight_layout()
+        out = self.dir / "curves.png"
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        return out
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

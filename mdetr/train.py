@@ -1,0 +1,200 @@
+"""Train MDETR.
+
+    python -m mdetr.train [--preset NAME] [--config FILE] [--fused] [--resume auto|PATH] [--section.field=value ...]
+    torchrun --nproc_per_node N -m mdetr.train ...          (DDP: NCCL on GPU, gloo on CPU)
+
+The default preset trains on the embedded "shapes" world, generated on first use under ``data.root``.
+Every epoch: a validation (referring-expression precision@k, QA accuracy for QA presets), an atomic checkpoint,
+``metrics.jsonl``, TensorBoard scalars and ``curves.png`` in ``train.output_dir``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+import detr_kernels
+from mdetr import checkpoint as ckpt
+from mdetr import config as config_mod
+from mdetr import distributed as dist_utils
+from mdetr.config import Config
+from mdetr.data import build_datasets, build_loader
+from mdetr.engine import ModelEMA, TrainState, evaluate, make_optimizer, steps_per_epoch, train_one_epoch, unwrap
+from mdetr.losses.criterion import build_criterion
+from mdetr.models import build_from_config
+from mdetr.tracking import RunLog
+
+
+def choose_backends(fused: bool, device: torch.device) -> Dict[str, str]:
+    """The backend of every op: the best available with ``--fused``, the pure-PyTorch reference without."""
+    if fused:
+        return detr_kernels.describe(device)
+    return {"attention": "reference", "matcher": "scipy", "contrastive": "reference", "soft_token": "reference"}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    parser = argparse.ArgumentParser(
+        prog="python -m mdetr.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config fields (override with --section.field=value):\n" + "\n".join(config_mod.cli_help()))
+    parser.add_argument("--preset", default="shapes", choices=sorted(config_mod.PRESETS))
+    parser.add_argument("--config", help="YAML or JSON file applied over the preset")
+    parser.add_argument("--fused", action="store_true", help="use detr_kernels' fused backends (train.fused=true)")
+    parser.add_argument("--resume", help="'auto' (latest in output_dir) or a checkpoint path (train.resume)")
+    args, rest = parser.parse_known_args(argv)
+    bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
+    if bad:
+        parser.error(f"unrecognized arguments {bad}: overrides look like --section.field=value")
+    cfg = config_mod.resolve(args.preset, args.config, rest)
+    if args.fused:
+        cfg.train.fused = True
+    if args.resume is not None:
+        cfg.train.resume = args.resume
+    return cfg
+
+
+def run(cfg: Config, on_log=None) -> Dict[str, object]:
+    """Train according to ``cfg``. Returns the final validation metrics and the training state."""
+    device, rank, world = dist_utils.init_from_env(cfg.train.device)
+    main = rank == 0
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed + rank)
+    out_dir = Path(cfg.train.output_dir)
+    backends = choose_backends(cfg.train.fused, device)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config_mod.save(cfg, out_dir / "config.yaml")
+        detr_kernels.report(backends, device)
+
+    train_set, val_set = build_datasets(cfg.data, cfg.model.text_encoder, is_main=main)
+    train_loader = build_loader(train_set, cfg.data.batch_size, shuffle=True, num_workers=cfg.data.num_workers,
+                                seed=cfg.train.seed, distributed=world > 1)
+    val_loader = build_loader(val_set, cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
+                              seed=cfg.train.seed, distributed=world > 1)
+
+    model = build_from_config(cfg.model, attention_backend=backends["attention"]).to(device)
+    criterion = build_criterion(cfg.loss, cfg.model.dec_layers, cfg.model.qa_dataset, backends)
+    optimizer = make_optimizer(model, cfg.optim, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
+    ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema else None
+    state = TrainState()
+
+    resume_from = ckpt.find_resume(cfg.train.resume, out_dir)
+    if resume_from is not None:
+        saved = ckpt.load_checkpoint(resume_from)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        if ema is not None and saved.get("ema"):
+            ema.load_state_dict(saved["ema"])
+        state = TrainState(epoch=saved["epoch"] + 1, step=saved["step"], history=saved.get("history", []))
+        ckpt.set_rng_state(saved["rng"][rank] if isinstance(saved["rng"], list) else saved["rng"])
+        if main:
+            print(f"resumed from {resume_from}: epoch {state.epoch}, step {state.step}")
+
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
+
+    per_epoch = steps_per_epoch(len(train_loader), cfg.optim.grad_accum)
+    total_steps = per_epoch * cfg.optim.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    log = RunLog(out_dir, enabled=main)
+
+    def log_train(record: Dict[str, float]) -> None:
+        log.log("train", record)
+        if on_log is not None:
+            on_log(record)
+
+    start = time.perf_counter()
+    metrics: Dict[str, float] = {}
+    progress = None
+    if main:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total_steps, initial=min(state.step, total_steps), desc="train", unit="step",
+                        dynamic_ncols=True, mininterval=2.0)
+    while state.epoch < cfg.optim.epochs:
+        if cfg.train.max_steps and state.step >= cfg.train.max_steps:
+            break
+        train_loader.set_epoch(state.epoch)
+        epoch_losses = train_one_epoch(
+            model, criterion, train_loader, optimizer, scaler, ema, state, cfg.optim, total_steps, device,
+            cfg.train.precision, cfg.train.log_every, cfg.train.max_steps, on_log=log_train if main else on_log,
+            progress=progress)
+        if (state.epoch + 1) % cfg.train.eval_every == 0 or state.epoch + 1 == cfg.optim.epochs:
+            eval_model = ema.module if ema is not None else unwrap(model)
+            metrics = evaluate(eval_model, val_loader, device, cfg.train.precision, cfg.model.qa_dataset)
+            record = {"epoch": state.epoch, "step": state.step, "minutes": (time.perf_counter() - start) / 60,
+                      **{f"train_{k}": v for k, v in epoch_losses.items() if k == "loss"}, **metrics}
+            state.history.append(record)
+            if main:
+                log.log("val", record)
+                log.plot()
+                if progress is not None:
+                    progress.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                               for k, v in record.items()}))
+        if main:
+            ckpt.save_checkpoint(out_dir, {
+                "model": unwrap(model).state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "epoch": state.epoch,
+                "step": state.step,
+                "history": state.history,
+                "rng": _gather_rng(world),
+                "config": cfg.to_dict(),
+            }, state.epoch)
+        else:
+            _gather_rng(world)
+        dist_utils.barrier()
+        state.epoch += 1
+        minutes = (time.perf_counter() - start) / 60
+        if cfg.train.time_limit_min and minutes >= cfg.train.time_limit_min:
+            if main:
+                print(f"stopping after epoch {state.epoch - 1}: {minutes:.1f} min >= train.time_limit_min")
+            break
+    if progress is not None:
+        progress.close()
+    log.close()
+    return {"metrics": metrics, "state": state, "minutes": (time.perf_counter() - start) / 60}
+
+
+def _gather_rng(world: int) -> object:
+    """RNG states of every rank (rank 0 receives the list; one process keeps a single state)."""
+    state = ckpt.rng_state()
+    if world == 1:
+        return state
+    gathered: List[object] = [None] * world
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    cfg = parse_args(argv)
+    try:
+        result = run(cfg)
+    finally:
+        dist_utils.shutdown()
+    if dist_utils.is_main() and result["metrics"]:
+        print("final validation:", json.dumps(result["metrics"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -141,7 +141,7 @@ def report(choices: Dict[str, str], device: torch.device | str, printer=print) -
     lines = [f"detr_kernels backends on {torch.device(device)}:"]
     for op, name in choices.items():
         extra = ""
-        if op == "matcher":
+        if op == "matcher" and name in ("cpp", "cuda"):
             extra = f"  [compiled op: {matcher_extension_status()[2]}]"
         lines.append(f"  {op:<{width}}  {name}{extra}")
     printer("\n".join(lines))

@@ -1,0 +1,124 @@
+"""Data: MDETR annotation files (and the embedded shapes world in the same format), positive maps, joint
+transforms, collate and loaders.
+
+- ``build_dataset(data_cfg, split, tokenizer)`` / ``build_datasets(data_cfg, text_encoder)``: datasets from a
+  ``mdetr.config.DataConfig`` (generating the shapes world first when it is the dataset and is missing).
+- ``build_loader(dataset, batch_size, shuffle, num_workers, seed, distributed=False)``: a seeded DataLoader with
+  ``collate_fn``; call ``loader.set_epoch(epoch)`` before each epoch (reshuffles reproducibly, also when
+  distributed).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+from mdetr.data.annotations import CLEVR_ATTRIBUTES, ModulatedDetection
+from mdetr.data.collate import collate_fn
+from mdetr.data.positive_map import create_positive_map
+from mdetr.data.transforms import make_transforms
+
+__all__ = ["CLEVR_ATTRIBUTES", "ModulatedDetection", "SeededLoader", "build_dataset", "build_datasets", "build_loader",
+           "collate_fn", "create_positive_map", "ensure_shapes_dataset", "make_transforms"]
+
+
+def ensure_shapes_dataset(root, **sizes) -> Path:
+    """``mdetr.data.synthetic.ensure_shapes_dataset``, imported on use so that ``python -m mdetr.data.synthetic``
+    does not find the module already imported by this package."""
+    from mdetr.data.synthetic import ensure_shapes_dataset as ensure
+
+    return ensure(root, **sizes)
+
+
+def _ann_path(data_cfg, split: str, ann_file: Optional[str]) -> Path:
+    if ann_file is None:
+        if split == "train":
+            ann_file = data_cfg.train_ann
+        elif split == "val":
+            ann_file = data_cfg.val_ann
+        elif split == "test":
+            ann_file = data_cfg.val_ann.replace("_val", "_test")
+        else:
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    path = Path(ann_file)
+    if path.is_absolute():
+        return path
+    root = Path(data_cfg.root)
+    return root / "annotations" / path if data_cfg.dataset == "shapes" else root / path
+
+
+def _ensure_from_config(data_cfg) -> Path:
+    return ensure_shapes_dataset(data_cfg.root, num_train=data_cfg.num_train, num_val=data_cfg.num_val,
+                                 num_test=data_cfg.num_test, seed=data_cfg.seed)
+
+
+def build_dataset(data_cfg, split: str, tokenizer, ann_file: Optional[str] = None,
+                  generate: bool = True) -> ModulatedDetection:
+    """The dataset of ``split`` ("train" uses the train transforms; "val"/"test" the eval ones).
+
+    ``data_cfg``: a ``DataConfig`` (fields dataset, root, image_dir, train_ann, val_ann, num_train/val/test, seed,
+    transforms). For ``dataset == "shapes"`` the world is generated under ``root`` first unless already there
+    (``generate=False`` skips that check, e.g. on non-main ranks after a barrier)."""
+    if data_cfg.dataset == "shapes":
+        if generate:
+            _ensure_from_config(data_cfg)
+    elif data_cfg.dataset != "mdetr":
+        raise ValueError(f"data.dataset must be 'shapes' or 'mdetr', got {data_cfg.dataset!r}")
+    image_dir = Path(data_cfg.image_dir) if data_cfg.image_dir else Path(data_cfg.root) / "images"
+    return ModulatedDetection(image_dir, _ann_path(data_cfg, split, ann_file), tokenizer,
+                              make_transforms(split, data_cfg.transforms))
+
+
+def build_datasets(data_cfg, text_encoder: str, is_main: bool = True) -> Tuple[ModulatedDetection, ModulatedDetection]:
+    """(train, val) datasets with the fast tokenizer of ``text_encoder``; in distributed runs the main rank
+    generates the shapes world while the others wait at a barrier."""
+    from mdetr.distributed import barrier
+    from mdetr.pretrained import load_tokenizer
+
+    tokenizer = load_tokenizer(text_encoder)
+    if data_cfg.dataset == "shapes" and is_main:
+        _ensure_from_config(data_cfg)
+    barrier()
+    return (build_dataset(data_cfg, "train", tokenizer, generate=False),
+            build_dataset(data_cfg, "val", tokenizer, generate=False))
+
+
+def _seed_worker(worker_id: int) -> None:
+    """numpy's generator is not reseeded by the DataLoader; derive it from torch's per-worker seed."""
+    np.random.seed(torch.initial_seed() % 2 ** 32)
+
+
+class SeededLoader(DataLoader):
+    """A DataLoader whose order is a function of (seed, epoch): ``set_epoch`` reseeds the shuffling generator
+    (or the DistributedSampler's epoch), so a resumed run replays the same batches."""
+
+    def __init__(self, *args, seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+        if self.generator is not None:
+            self.generator.manual_seed(self.seed + epoch)
+
+
+def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
+                 distributed: bool = False, drop_last: bool = False) -> SeededLoader:
+    """Seeded loader with ``collate_fn``; worker processes build the positive maps and run the transforms."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # HF tokenizers' threads do not survive fork into workers
+    generator = torch.Generator().manual_seed(seed)
+    if distributed:
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    elif shuffle:
+        sampler = RandomSampler(dataset, generator=generator)
+    else:
+        sampler = SequentialSampler(dataset)
+    return SeededLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        collate_fn=collate_fn, drop_last=drop_last, generator=generator, seed=seed,
+                        worker_init_fn=_seed_worker, persistent_workers=num_workers > 0,
+                        pin_memory=torch.cuda.is_available())

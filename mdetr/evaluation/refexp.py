@@ -11,7 +11,7 @@ from typing import Dict, Sequence
 import torch
 from torch import Tensor
 
-from mdetr.boxes import box_iou, generalized_box_iou
+from mdetr.boxes import elementwise_box_iou, elementwise_generalized_box_iou
 
 
 class RefExpEvaluator:
@@ -30,8 +30,8 @@ class RefExpEvaluator:
         kmax = min(max(self.ks), pred_boxes.shape[1])
         order = scores.topk(kmax, dim=1).indices  # [B, kmax]
         top = torch.gather(pred_boxes, 1, order.unsqueeze(-1).expand(-1, -1, 4)).float()
-        overlap_fn = generalized_box_iou if self.use_giou else box_iou
-        overlap = torch.stack([overlap_fn(t, g[None])[:, 0] for t, g in zip(top, gt_boxes.float())])  # [B, kmax]
+        overlap_fn = elementwise_generalized_box_iou if self.use_giou else elementwise_box_iou
+        overlap = overlap_fn(top, gt_boxes.float()[:, None, :])  # [B, kmax]
         hit = overlap >= self.threshold
         for i, k in enumerate(self.ks):
             self.hits[i] += hit[:, : min(k, kmax)].any(1).sum().cpu()

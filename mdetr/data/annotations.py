@@ -1,0 +1,196 @@
+"""The MDETR annotation reader: COCO-style JSON with one image entry per (image, caption).
+
+Reads the released files unchanged (final_refcoco*/final_flickr_*/final_mixed_train*/final_gqa_*/CLEVR and the
+GQA question files) and the embedded shapes world's files (``mdetr.data.synthetic``).
+
+``ModulatedDetection[i]`` returns ``(image, target)``: ``image`` FloatTensor [3, H, W] (ImageNet-normalized,
+after the transforms) and ``target``:
+
+================== ============================= ======================================================
+key                type                          meaning
+================== ============================= ======================================================
+boxes              FloatTensor [T, 4]            cxcywh, normalized by the transformed image size
+positive_map       BoolTensor [T, max_tokens]    token j (``<s>``/[CLS] = 0) is in box i's spans (binary)
+tokens_positive    list[list[[begin, end)]]      per kept box, its char spans
+caption            str
+image_id           int                           the entry's ``id`` (one per image and caption)
+orig_size          LongTensor [2]                (h, w) of the image file
+size               LongTensor [2]                (h, w) after the transforms
+dataset_name       str or None
+sentence_id, original_img_id, original_id, questionId   copied where the entry has them
+tokens_positive_eval  list per phrase of spans   where the entry has it (phrase grounding)
+phrase_ids         LongTensor [T]                where every annotation has it (shapes grounding)
+answer             str                           QA only, the raw answer; plus answer_type (LongTensor
+                                                 scalar) and one ``answer_<head>`` per answer head
+================== ============================= ======================================================
+
+QA targets. CLEVR scheme (entries with ``answer`` and no ``question_type``, as MDETR's clevr.py): answer_type 0
+binary (yes/no), 1 attribute, 2 count; ``answer_binary`` FloatTensor (1.0 = yes), ``answer_attr`` and
+``answer_reg`` LongTensor (the count), -100 where the type does not apply. The attribute vocabulary is, in order
+of precedence: the ``answer_vocab`` argument, the file's ``info.answer_vocab``, else the sorted attribute
+answers of the file (pass ``CLEVR_ATTRIBUTES`` for the released CLEVR checkpoints). GQA scheme (entries with
+``question_type``): ``answer_vocab`` must be the content of ``gqa_answer2id_by_type.json`` (a dict
+``answer_<head>`` -> {answer: id}); answer_type = obj/attr/rel/global/cat -> 0..4, ``answer_<head>`` the id in
+that head's vocabulary ("unknown" for answers outside it) or -100.
+
+Bad inputs. A missing or unreadable image, a caption with more tokens than ``max_tokens - 1`` slots (the last
+class is no-object), or a span outside its caption raise ValueError naming the entry id, file and caption.
+Boxes are clipped to the image and dropped when empty after clipping (MDETR does the same), with their spans;
+``iscrowd`` boxes are dropped as in MDETR. An entry without annotations gives boxes [0, 4] and positive_map
+[0, max_tokens].
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mdetr.boxes import box_xywh_to_xyxy
+from mdetr.data.positive_map import create_positive_map
+from mdetr.data.transforms import Compose, ToNormalizedTensor
+
+CLEVR_ATTRIBUTES = ["small", "large", "gray", "red", "blue", "green", "brown", "purple", "cyan", "yellow", "cube",
+                    "sphere", "cylinder", "rubber", "metal"]  # MDETR's CLEVR attribute-answer order
+GQA_TYPES = {"obj": 0, "attr": 1, "rel": 2, "global": 3, "cat": 4}
+COPIED_FIELDS = ("sentence_id", "original_img_id", "original_id", "questionId", "tokens_positive_eval")
+IGNORE = -100
+
+
+def _is_count(answer: str) -> bool:
+    return answer.isdigit()
+
+
+class ModulatedDetection(Dataset):
+    """One sample per image entry (image, caption) of an MDETR annotation file. See the module docstring."""
+
+    def __init__(self, image_dir: Union[str, Path], ann_file: Union[str, Path], tokenizer, transforms=None,
+                 max_tokens: int = 256, answer_vocab: Optional[Union[Sequence[str], Dict[str, Dict[str, int]]]] = None):
+        self.image_dir = Path(image_dir)
+        self.ann_file = Path(ann_file)
+        if not self.ann_file.is_file():
+            raise ValueError(f"annotation file {str(self.ann_file)!r} does not exist")
+        with open(self.ann_file) as f:
+            data = json.load(f)
+        self.tokenizer = tokenizer
+        self.transforms = transforms if transforms is not None else Compose([ToNormalizedTensor()])
+        self.max_tokens = max_tokens
+        self.info = data.get("info") or {}
+        self.entries: List[dict] = data["images"]
+        self.annotations: Dict[int, List[dict]] = {}
+        for ann in data.get("annotations", []):
+            self.annotations.setdefault(ann["image_id"], []).append(ann)
+        self.qa = self._qa_scheme()
+        self.answer_vocab = self._answer_vocab(answer_vocab)
+
+    # -- QA set-up -------------------------------------------------------------------------------------------
+    def _qa_scheme(self) -> Optional[str]:
+        with_answer = [e for e in self.entries if "answer" in e]
+        if not with_answer:
+            return None
+        return "gqa" if "question_type" in with_answer[0] else "clevr"
+
+    def _answer_vocab(self, given):
+        if self.qa == "gqa":
+            if not isinstance(given, dict):
+                raise ValueError(f"{self.ann_file}: GQA questions need answer_vocab = the dict of "
+                                 f"gqa_answer2id_by_type.json ('answer_<head>' -> {{answer: id}}), got {type(given).__name__}")
+            return given
+        if self.qa != "clevr":
+            return list(given) if given is not None else None
+        if given is not None:
+            return list(given)
+        if "answer_vocab" in self.info:
+            return list(self.info["answer_vocab"])
+        answers = {str(e["answer"]) for e in self.entries if "answer" in e}
+        return sorted(a for a in answers if a not in ("yes", "no") and not _is_count(a))
+
+    def _answer_targets(self, entry: dict) -> Dict[str, torch.Tensor]:
+        answer = str(entry["answer"])
+        if self.qa == "gqa":
+            qtype = entry["question_type"]
+            out = {"answer_type": torch.tensor(GQA_TYPES[qtype])}
+            for head in GQA_TYPES:
+                vocab = self.answer_vocab[f"answer_{head}"]
+                value = vocab.get(answer, vocab.get("unknown", IGNORE)) if head == qtype else IGNORE
+                out[f"answer_{head}"] = torch.tensor(value, dtype=torch.long)
+            return out
+        kind, binary, attr, count = 2, 0.0, IGNORE, IGNORE
+        if answer in ("yes", "no"):
+            kind, binary = 0, float(answer == "yes")
+        elif answer in self.answer_vocab:
+            kind, attr = 1, self.answer_vocab.index(answer)
+        elif _is_count(answer):
+            count = int(answer)
+        else:
+            raise ValueError(f"entry {entry['id']} of {self.ann_file}: answer {answer!r} is neither yes/no, a count, "
+                             f"nor in the attribute vocabulary {self.answer_vocab}")
+        return {"answer_type": torch.tensor(kind, dtype=torch.long),
+                "answer_binary": torch.tensor(binary, dtype=torch.float32),
+                "answer_attr": torch.tensor(attr, dtype=torch.long),
+                "answer_reg": torch.tensor(count, dtype=torch.long)}
+
+    # -- samples ---------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _where(self, entry: dict) -> str:
+        return f"entry id {entry.get('id')} (file {entry.get('file_name')!r}, caption {entry.get('caption')!r})"
+
+    def _load_image(self, entry: dict) -> Image.Image:
+        path = self.image_dir / entry["file_name"]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except (OSError, SyntaxError) as err:  # missing, truncated or not an image
+            raise ValueError(f"{self._where(entry)}: cannot read image file {str(path)!r}: {err}") from err
+
+    def __getitem__(self, index: int):
+        entry = self.entries[index]
+        caption: str = entry["caption"]
+        image = self._load_image(entry)
+        tokenized = self.tokenizer(caption)
+        num_tokens = len(tokenized["input_ids"])
+        if num_tokens > self.max_tokens - 1:
+            raise ValueError(f"{self._where(entry)}: the caption has {num_tokens} tokens, more than the "
+                             f"{self.max_tokens - 1} token slots (max_tokens={self.max_tokens}, one is no-object)")
+        boxes, spans, phrase_ids = self._boxes(entry, image.width, image.height)
+        target = {
+            "boxes": boxes,
+            "positive_map": create_positive_map(tokenized, spans, self.max_tokens),
+            "tokens_positive": spans,
+            "caption": caption,
+            "image_id": int(entry["id"]),
+            "orig_size": torch.tensor([image.height, image.width], dtype=torch.long),
+            "dataset_name": entry.get("dataset_name"),
+        }
+        target.update({k: entry[k] for k in COPIED_FIELDS if k in entry})
+        if phrase_ids is not None:
+            target["phrase_ids"] = torch.tensor(phrase_ids, dtype=torch.long)
+        if self.qa is not None and "answer" in entry:
+            target["answer"] = str(entry["answer"])
+            target.update(self._answer_targets(entry))
+        return self.transforms(image, target)
+
+    def _boxes(self, entry: dict, width: int, height: int):
+        """Kept boxes (xyxy pixels, clipped), their spans and phrase ids (None unless every box has one)."""
+        caption = entry["caption"]
+        anns = [a for a in self.annotations.get(entry["id"], []) if not a.get("iscrowd", 0)]
+        for ann in anns:
+            for span in ann.get("tokens_positive", []):
+                if len(span) != 2 or not 0 <= span[0] < span[1] <= len(caption):
+                    raise ValueError(f"{self._where(entry)}: annotation {ann.get('id')} has span {span} outside the "
+                                     f"caption (expected 0 <= begin < end <= {len(caption)})")
+        if not anns:
+            return torch.zeros(0, 4), [], None
+        boxes = box_xywh_to_xyxy(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4))
+        boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([width, height, width, height], dtype=torch.float32))
+        keep = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).tolist()
+        kept = [a for a, k in zip(anns, keep) if k]
+        spans = [[list(s) for s in a.get("tokens_positive", [])] for a in kept]
+        with_ids = kept and all(isinstance(a.get("phrase_ids"), int) for a in kept)
+        phrase_ids = [a["phrase_ids"] for a in kept] if with_ids else None
+        return boxes[torch.tensor(keep, dtype=torch.bool)], spans, phrase_ids

@@ -1,0 +1,165 @@
+"""The MDETR module: backbone + transformer + heads (boxes, soft tokens, contrastive alignment, QA).
+
+Outputs (B images, Q object queries, L text tokens, N decoder layers):
+    pred_logits [B, Q, 256]   soft-token logits: 255 token positions + no-object (index 255)
+    pred_boxes  [B, Q, 4]     (cx, cy, w, h) in [0, 1], relative to each image's unpadded size
+    proj_queries [B, Q, 64]   L2-normalized projection of the decoder outputs
+    proj_tokens [B, L, 64]    L2-normalized projection of the ENCODER outputs at text positions (padding included)
+    tokenized                 the captions' BatchEncoding
+    aux_outputs               N - 1 dicts (layers 0 .. N-2) with the four tensors above
+    QA (clevr): pred_answer_type [B, 3], pred_answer_binary [B], pred_answer_reg [B, 20], pred_answer_attr [B, A]
+    QA (gqa): pred_answer_type [B, 5], pred_answer_obj [B, 3], pred_answer_rel [B, 1594], pred_answer_attr
+        [B, 403], pred_answer_cat [B, 678], pred_answer_global [B, 111]
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbone import Joiner, build_backbone
+from .transformer import Transformer
+
+# QA heads in slot order (the extra queries after the object queries): (name, output size, MLP?)
+QA_HEADS: Dict[str, List[Tuple[str, int, bool]]] = {
+    "gqa": [("type", 5, False), ("obj", 3, False), ("rel", 1594, False), ("attr", 403, False), ("cat", 678, False),
+            ("global", 111, False)],
+    "clevr": [("type", 3, False), ("binary", 1, False), ("reg", 20, True), ("attr", 15, False)],
+}
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them (reference name ``layers``)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class MDETR(nn.Module):
+    """Modulated detection. ``forward(images, mask, captions)`` = ``decode(encode(images, mask, captions))``.
+
+    Args:
+        backbone: the reference's Joiner (timm features + sine positions).
+        transformer: text encoder, cross encoder and decoder.
+        num_queries: object queries.
+        num_classes: token slots of the class head (255; one more column for no-object).
+        contrastive_align_dim: size of the contrastive alignment projections.
+        qa_dataset: None, "clevr" or "gqa": adds one learned query per QA head after the object queries.
+        clevr_attr_classes: size of the CLEVR attribute answer vocabulary (15 in CLEVR).
+        predict_final: CLEVR-Ref+ "is this box the referred set" head (``isfinal_embed``, ``pred_isfinal``).
+    """
+
+    def __init__(self, backbone: Joiner, transformer: Transformer, num_queries: int = 100, num_classes: int = 255,
+                 contrastive_align_dim: int = 64, qa_dataset: Optional[str] = None, clevr_attr_classes: int = 15,
+                 predict_final: bool = False):
+        super().__init__()
+        if qa_dataset not in (None, *QA_HEADS):
+            raise ValueError(f"qa_dataset must be None or one of {sorted(QA_HEADS)}, got {qa_dataset!r}")
+        d_model = transformer.d_model
+        self.num_queries = num_queries
+        self.transformer = transformer
+        self.class_embed = nn.Linear(d_model, num_classes + 1)
+        self.isfinal_embed = nn.Linear(d_model, 1) if predict_final else None
+        self.bbox_embed = MLP(d_model, d_model, 4, 3)
+        self.query_embed = nn.Embedding(num_queries, d_model)
+        self.qa_dataset = qa_dataset
+        self.qa_heads = [] if qa_dataset is None else [
+            (name, clevr_attr_classes if (qa_dataset, name) == ("clevr", "attr") else size, mlp)
+            for name, size, mlp in QA_HEADS[qa_dataset]
+        ]
+        if self.qa_heads:
+            self.qa_embed = nn.Embedding(len(self.qa_heads), d_model)
+        self.input_proj = nn.Conv2d(backbone.num_channels, d_model, kernel_size=1)
+        self.backbone = backbone
+        self.contrastive_align_projection_image = nn.Linear(d_model, contrastive_align_dim)
+        self.contrastive_align_projection_text = nn.Linear(d_model, contrastive_align_dim)
+        for name, size, mlp in self.qa_heads:  # answer_<name>_head
+            head = MLP(d_model, d_model, size, 3) if mlp else nn.Linear(d_model, size)
+            self.add_module(f"answer_{name}_head", head)
+
+    def encode(self, images: Tensor, mask: Tensor, captions: Sequence[str]) -> Dict[str, Any]:
+        """images [B, 3, H, W], mask [B, H, W] (True = pad), captions: B strings -> memory cache (see
+        ``Transformer``)."""
+        features, feature_mask, pos = self.backbone(images, mask)
+        query_embed = self.query_embed.weight
+        if self.qa_heads:
+            query_embed = torch.cat([query_embed, self.qa_embed.weight], 0)
+        return self.transformer.encode(self.input_proj(features), feature_mask, pos, query_embed, captions)
+
+    def decode(self, memory_cache: Dict[str, Any]) -> Dict[str, Any]:
+        """memory cache -> the outputs dict (module docstring)."""
+        hs = self.transformer.decode(memory_cache)  # [N, B, Q (+ QA slots), d]
+        out: Dict[str, Any] = {}
+        if self.qa_heads:
+            # quirk (reference): the answers are read from the FIRST decoder layer's outputs at the QA slots
+            answer_embeds = hs[0, :, -len(self.qa_heads):]
+            hs = hs[:, :, : -len(self.qa_heads)]
+            for slot, (name, _, _) in enumerate(self.qa_heads):
+                logits = getattr(self, f"answer_{name}_head")(answer_embeds[:, slot])
+                out[f"pred_answer_{name}"] = logits.squeeze(-1) if name == "binary" else logits
+        outputs_class = self.class_embed(hs)
+        outputs_coord = self.bbox_embed(hs).sigmoid()
+        proj_queries = F.normalize(self.contrastive_align_projection_image(hs), p=2, dim=-1)
+        proj_tokens = F.normalize(self.contrastive_align_projection_text(memory_cache["text_memory"]).transpose(0, 1),
+                                  p=2, dim=-1)  # [L, B, d] -> [B, L, D]
+        tokenized = memory_cache["tokenized"]
+        out.update(pred_logits=outputs_class[-1], pred_boxes=outputs_coord[-1], proj_queries=proj_queries[-1],
+                   proj_tokens=proj_tokens, tokenized=tokenized)
+        out["aux_outputs"] = [
+            {"pred_logits": c, "pred_boxes": b, "proj_queries": q, "proj_tokens": proj_tokens, "tokenized": tokenized}
+            for c, b, q in zip(outputs_class[:-1], outputs_coord[:-1], proj_queries[:-1])
+        ]
+        if self.isfinal_embed is not None:
+            outputs_isfinal = self.isfinal_embed(hs)
+            out["pred_isfinal"] = outputs_isfinal[-1]
+            for aux, isfinal in zip(out["aux_outputs"], outputs_isfinal[:-1]):
+                aux["pred_isfinal"] = isfinal
+        return out
+
+    def forward(self, images: Tensor, mask: Tensor, captions: Sequence[str]) -> Dict[str, Any]:
+        return self.decode(self.encode(images, mask, captions))
+
+
+def build_mdetr(backbone: str = "tf_efficientnet_lite0", pretrained_backbone: bool = True,
+                backbone_stride: int = 32, train_backbone: bool = True, backbone_freeze: str = "reference",
+                frozen_bn_eps: Optional[float] = 1e-5, text_encoder: str = "all-MiniLM-L6-v2",
+                freeze_text_encoder: bool = False, d_model: int = 256, nheads: int = 8, enc_layers: int = 6,
+                dec_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1, num_queries: int = 100,
+                contrastive_align_dim: int = 64, qa_dataset: Optional[str] = None, clevr_attr_classes: int = 15,
+                predict_final: bool = False, attention_backend: str = "reference") -> MDETR:
+    """MDETR with explicit settings (defaults: the paper's sizes on the embedded lite0 + MiniLM encoders).
+
+    ``train_backbone=False`` freezes the whole backbone (same as ``backbone_freeze="all"``); ``backbone_freeze``
+    "reference" trains only layer2-4 of a pretrained ResNet and everything of other backbones (batch norms are
+    frozen whenever the backbone is pretrained). ``frozen_bn_eps`` None keeps each norm's own eps (the reference
+    uses 1e-5 everywhere, also for EfficientNets trained with 1e-3)."""
+    joiner = build_backbone(backbone, pretrained_backbone, backbone_stride,
+                            backbone_freeze if train_backbone else "all", d_model // 2, frozen_bn_eps)
+    transformer = Transformer(text_encoder, freeze_text_encoder, d_model, nheads, enc_layers, dec_layers,
+                              dim_feedforward, dropout, attention_backend)
+    return MDETR(joiner, transformer, num_queries, contrastive_align_dim=contrastive_align_dim,
+                 qa_dataset=qa_dataset, clevr_attr_classes=clevr_attr_classes, predict_final=predict_final)
+
+
+def param_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:
+    """Trainable parameters by lr group: "backbone" (``backbone.*``), "text_encoder" (``*text_encoder*``), "rest"."""
+    groups: Dict[str, List[nn.Parameter]] = {"rest": [], "backbone": [], "text_encoder": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith("backbone."):
+            groups["backbone"].append(param)
+        elif "text_encoder" in name:
+            groups["text_encoder"].append(param)
+        else:
+            groups["rest"].append(param)
+    return groups

@@ -1,0 +1,185 @@
+"""MDETR's transformer: text encoder + one cross encoder over [image tokens; text tokens] + DETR decoder.
+
+All sequences are sequence-first ([S, B, d]) as in ``nn.MultiheadAttention``'s default layout. Names follow the
+reference (``encoder.layers.i.self_attn``, ``decoder.layers.i.cross_attn_image``, ``norm1/3/4``,
+``decoder.norm``, ``text_encoder``, ``resizer``) so released checkpoints load one to one.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .text import FeatureResizer, load_text_encoder, max_caption_tokens, tokenize_captions
+
+
+def make_attention(d_model: int, nheads: int, dropout: float, backend: str = "reference") -> nn.Module:
+    """``nn.MultiheadAttention`` ("reference") or ``detr_kernels.attention.FusedMultiheadAttention`` with the
+    named backend: same parameter names and call, so the state dicts are interchangeable."""
+    if backend == "reference":
+        return nn.MultiheadAttention(d_model, nheads, dropout=dropout)
+    from detr_kernels.attention import FusedMultiheadAttention  # lazy: only a fused run needs detr_kernels
+
+    return FusedMultiheadAttention(d_model, nheads, dropout=dropout, backend=backend)
+
+
+def _with_pos(tensor: Tensor, pos: Optional[Tensor]) -> Tensor:
+    return tensor if pos is None else tensor + pos
+
+
+class TransformerEncoderLayer(nn.Module):
+    """Post-norm: x = norm1(x + attn(q=k=x+pos, v=x)); x = norm2(x + FFN(x))."""
+
+    def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float,
+                 attention_backend: str = "reference"):
+        super().__init__()
+        self.self_attn = make_attention(d_model, nheads, dropout, attention_backend)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, src: Tensor, key_padding_mask: Tensor, pos: Tensor) -> Tensor:
+        q = k = _with_pos(src, pos)
+        attended = self.self_attn(q, k, value=src, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        src = self.norm1(src + self.dropout1(attended))
+        src = self.norm2(src + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(src))))))
+        return src
+
+
+class TransformerDecoderLayer(nn.Module):
+    """Post-norm: self-attention (norm1), ONE cross-attention over the whole image+text memory (norm3), FFN
+    (norm4). ``norm2``/``dropout2`` do not exist: the reference removed its text cross-attention."""
+
+    def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float,
+                 attention_backend: str = "reference"):
+        super().__init__()
+        self.self_attn = make_attention(d_model, nheads, dropout, attention_backend)
+        self.cross_attn_image = make_attention(d_model, nheads, dropout, attention_backend)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.norm4 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.dropout4 = nn.Dropout(dropout)
+
+    def forward(self, tgt: Tensor, memory: Tensor, memory_key_padding_mask: Tensor, pos: Tensor,
+                query_pos: Tensor) -> Tensor:
+        q = k = _with_pos(tgt, query_pos)
+        attended = self.self_attn(q, k, value=tgt, need_weights=False)[0]
+        tgt = self.norm1(tgt + self.dropout1(attended))
+        attended = self.cross_attn_image(query=_with_pos(tgt, query_pos), key=_with_pos(memory, pos), value=memory,
+                                         key_padding_mask=memory_key_padding_mask, need_weights=False)[0]
+        tgt = self.norm3(tgt + self.dropout3(attended))
+        tgt = self.norm4(tgt + self.dropout4(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
+        return tgt
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of post-norm layers, no final norm."""
+
+    def __init__(self, layer: TransformerEncoderLayer, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+
+    def forward(self, src: Tensor, key_padding_mask: Tensor, pos: Tensor) -> Tensor:
+        for layer in self.layers:
+            src = layer(src, key_padding_mask, pos)
+        return src
+
+
+class TransformerDecoder(nn.Module):
+    """A stack of decoder layers; the shared final ``norm`` is applied to every layer's output, and all of them
+    are returned: [num_layers, Q, B, d]."""
+
+    def __init__(self, layer: TransformerDecoderLayer, num_layers: int, d_model: int):
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, tgt: Tensor, memory: Tensor, memory_key_padding_mask: Tensor, pos: Tensor,
+                query_pos: Tensor) -> Tensor:
+        intermediate = []
+        for layer in self.layers:
+            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos)
+            intermediate.append(self.norm(tgt))
+        return torch.stack(intermediate)
+
+
+class Transformer(nn.Module):
+    """Text encoding, the cross encoder and the decoder, in two stages.
+
+    ``encode`` -> memory cache (the reference's keys, sequence-first):
+        img_memory [HW + L, B, d] (encoder output; image tokens row-major, then text), text_memory [L, B, d]
+        (its last L positions, padded ones included), text_memory_resized [L, B, d] (resized text features),
+        mask [B, HW + L] (True = pad), text_attention_mask [B, L] (True = pad), pos_embed [HW + L, B, d]
+        (zeros on text), query_embed [Q, B, d], tokenized (the BatchEncoding).
+    ``decode(memory_cache)`` -> hs [num_layers, B, Q, d].
+    """
+
+    def __init__(self, text_encoder: str = "all-MiniLM-L6-v2", freeze_text_encoder: bool = False,
+                 d_model: int = 256, nheads: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
+                 dim_feedforward: int = 2048, dropout: float = 0.1, attention_backend: str = "reference"):
+        super().__init__()
+        if d_model % nheads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by nheads ({nheads})")
+        encoder_layer = TransformerEncoderLayer(d_model, nheads, dim_feedforward, dropout, attention_backend)
+        self.encoder = TransformerEncoder(encoder_layer, num_encoder_layers)
+        decoder_layer = TransformerDecoderLayer(d_model, nheads, dim_feedforward, dropout, attention_backend)
+        self.decoder = TransformerDecoder(decoder_layer, num_decoder_layers, d_model)
+        for param in self.parameters():  # the reference's init, before the text modules exist
+            if param.dim() > 1:
+                nn.init.xavier_uniform_(param)
+        self.tokenizer, self.text_encoder = load_text_encoder(text_encoder, freeze_text_encoder)
+        self.max_caption_tokens = max_caption_tokens(self.tokenizer, self.text_encoder)
+        self.resizer = FeatureResizer(self.text_encoder.config.hidden_size, d_model, dropout=0.1)
+        self.d_model = d_model
+        self.nhead = nheads
+
+    def encode(self, src: Tensor, mask: Tensor, pos_embed: Tensor, query_embed: Tensor,
+               captions: Sequence[str]) -> Dict[str, Any]:
+        """src [B, d, h, w] (projected image features), mask [B, h, w] (True = pad), pos_embed [B, d, h, w],
+        query_embed [Q, d], captions: B strings -> memory cache (see the class docstring)."""
+        batch = src.shape[0]
+        if len(captions) != batch:
+            raise ValueError(f"got {len(captions)} captions for {batch} images")
+        src = src.flatten(2).permute(2, 0, 1)  # [B, d, h, w] -> [hw, B, d], row-major
+        pos_embed = pos_embed.flatten(2).permute(2, 0, 1)
+        mask = mask.flatten(1)  # [B, hw]
+
+        tokenized = tokenize_captions(self.tokenizer, captions, self.max_caption_tokens, src.device)
+        text_features = self.text_encoder(**tokenized).last_hidden_state.transpose(0, 1)  # [L, B, hidden]
+        text_attention_mask = tokenized["attention_mask"].ne(1)  # HF: 1 = token; here True = pad
+        text_memory_resized = self.resizer(text_features)  # [L, B, d]
+
+        src = torch.cat([src, text_memory_resized], dim=0)
+        mask = torch.cat([mask, text_attention_mask], dim=1)
+        pos_embed = torch.cat([pos_embed, torch.zeros_like(text_memory_resized)], dim=0)
+        img_memory = self.encoder(src, key_padding_mask=mask, pos=pos_embed)
+        return {
+            "text_memory_resized": text_memory_resized,
+            "text_memory": img_memory[-text_memory_resized.shape[0]:],
+            "img_memory": img_memory,
+            "mask": mask,
+            "text_attention_mask": text_attention_mask,
+            "pos_embed": pos_embed,
+            "query_embed": query_embed.unsqueeze(1).repeat(1, batch, 1),
+            "tokenized": tokenized,
+        }
+
+    def decode(self, memory_cache: Dict[str, Any]) -> Tensor:
+        """memory cache -> hs [num_layers, B, Q, d] (every layer, after the shared final norm)."""
+        query_embed = memory_cache["query_embed"]
+        hs = self.decoder(torch.zeros_like(query_embed), memory_cache["img_memory"],
+                          memory_key_padding_mask=memory_cache["mask"], pos=memory_cache["pos_embed"],
+                          query_pos=query_embed)
+        return hs.transpose(1, 2)

@@ -1,0 +1,46 @@
+import os
+
+import pytest
+import torch
+
+from mdetr import checkpoint as ckpt
+
+
+def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    ckpt.atomic_save({"epoch": 1}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        ckpt.atomic_save({"epoch": 2, "bad": Boom()}, path)
+    assert torch.load(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]  # no temporary file left behind
+
+
+def test_find_resume(tmp_path):
+    assert ckpt.find_resume("", tmp_path) is None
+    assert ckpt.find_resume("auto", tmp_path) is None
+    for epoch in (2, 10):
+        ckpt.atomic_save({"epoch": epoch}, tmp_path / f"checkpoint_epoch{epoch:04d}.pth")
+    assert ckpt.find_resume("auto", tmp_path).name == "checkpoint_epoch0010.pth"
+    ckpt.save_checkpoint(tmp_path, {"epoch": 11}, 11)
+    assert ckpt.find_resume("auto", tmp_path).name == "checkpoint.pth"
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        ckpt.find_resume(str(tmp_path / "missing.pth"), tmp_path)
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="broken.pth"):
+        ckpt.load_checkpoint(bad)
+
+
+def test_rng_state_round_trip():
+    state = ckpt.rng_state()
+    a = torch.rand(3)
+    ckpt.set_rng_state(state)
+    assert torch.equal(torch.rand(3), a)

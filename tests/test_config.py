@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from mdetr import config as C
+
+
+def test_presets_resolve_and_differ():
+    shapes = C.preset("shapes")
+    r101 = C.preset("mdetr_resnet101")
+    assert shapes.model.backbone == "tf_efficientnet_lite0"
+    assert r101.model.backbone == "resnet101" and r101.model.text_encoder == "roberta-base"
+    assert C.preset("clevr").model.qa_dataset == "clevr"
+    with pytest.raises(ValueError, match="preset must be one of"):
+        C.preset("nope")
+
+
+def test_overrides_are_typed():
+    cfg = C.resolve("shapes", None, ["--model.d_model=128", "--train.fused=true", "--optim.lr=3e-4",
+                                     "--model.qa_dataset=none", "--train.output_dir=/tmp/x"])
+    assert cfg.model.d_model == 128 and isinstance(cfg.model.d_model, int)
+    assert cfg.train.fused is True
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.model.qa_dataset is None
+    assert cfg.train.output_dir == "/tmp/x"
+
+
+@pytest.mark.parametrize("item, message", [
+    ("--model.nope=1", "model has no field 'nope'"),
+    ("--model.d_model=abc", "model.d_model expects int"),
+    ("--train.fused=maybe", "expects a boolean"),
+    ("--model=3", "is a section"),
+    ("--model.d_model", "section.field=value"),
+])
+def test_bad_overrides_name_the_key(item, message):
+    with pytest.raises(ValueError, match=message):
+        C.resolve("shapes", None, [item])
+
+
+def test_file_then_overrides_and_round_trip(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"preset": "clevr", "optim": {"epochs": 3}, "data": {"batch_size": 4}}))
+    cfg = C.resolve("shapes", str(path), ["--data.batch_size=6"])
+    assert cfg.preset == "clevr" and cfg.optim.epochs == 3 and cfg.data.batch_size == 6
+    C.save(cfg, tmp_path / "config.yaml")
+    again = C.resolve("shapes", str(tmp_path / "config.yaml"), [])
+    assert again == cfg
+    assert C.from_dict(cfg.to_dict()) == cfg
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.yaml"):
+        C.resolve("shapes", str(tmp_path / "nothere.yaml"), [])

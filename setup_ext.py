@@ -44,11 +44,12 @@ def extensions():
     openmp = ["-fopenmp"]
     args = dict(extra_compile_args={"cxx": ["-O3", *openmp], "nvcc": ["-O3"]}, extra_link_args=openmp,
                 optional=True)
+    cpp_sources = sorted(f"{CSRC}/{p.name}" for p in (ROOT / CSRC).glob("*.cpp"))
     if _build_cuda(cpp_extension):
-        sources = [f"{CSRC}/matcher.cpp", f"{CSRC}/matcher_cuda.cu"]
-        return [cpp_extension.CUDAExtension("detr_kernels._C", sources, **args)]
+        cuda_sources = sorted(f"{CSRC}/{p.name}" for p in (ROOT / CSRC).glob("*.cu"))
+        return [cpp_extension.CUDAExtension("detr_kernels._C", cpp_sources + cuda_sources, **args)]
     args["extra_compile_args"] = {"cxx": args["extra_compile_args"]["cxx"]}
-    return [cpp_extension.CppExtension("detr_kernels._C", [f"{CSRC}/matcher.cpp"], **args)]
+    return [cpp_extension.CppExtension("detr_kernels._C", cpp_sources, **args)]
 
 
 class BuildPyWithSources(build_py):

@@ -22,6 +22,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "matcher.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -29,9 +31,6 @@
 
 namespace detr_kernels {
 namespace {
-
-constexpr int64_t kInvalid = -2;     // NaN or -inf in the valid region
-constexpr int64_t kInfeasible = -3;  // no complete assignment of finite cost
 
 // Scratch of one problem; reused across the problems a thread solves.
 struct Workspace {
@@ -154,20 +153,8 @@ void solve_problem(const scalar_t* cost, int64_t stride_n, int64_t stride_m, int
   }
 }
 
-void check_inputs(const at::Tensor& cost, const at::Tensor& num_cols) {
-  TORCH_CHECK(cost.dim() == 3, "linear_sum_assignment: cost must be [P, N, M], got ", cost.dim(), " dims");
-  TORCH_CHECK(cost.scalar_type() == at::kFloat || cost.scalar_type() == at::kDouble,
-              "linear_sum_assignment: cost must be float32 or float64, got ", cost.scalar_type());
-  TORCH_CHECK(num_cols.dim() == 1 && num_cols.size(0) == cost.size(0),
-              "linear_sum_assignment: num_cols must be [P] = [", cost.size(0), "], got ", num_cols.sizes());
-  TORCH_CHECK(num_cols.scalar_type() == at::kLong, "linear_sum_assignment: num_cols must be int64, got ",
-              num_cols.scalar_type());
-  TORCH_CHECK(num_cols.device() == cost.device(), "linear_sum_assignment: num_cols is on ", num_cols.device(),
-              " but cost is on ", cost.device());
-}
-
 at::Tensor lsa_cpu(const at::Tensor& cost, const at::Tensor& num_cols) {
-  check_inputs(cost, num_cols);
+  check_lsa_inputs(cost, num_cols);
   const int64_t P = cost.size(0), N = cost.size(1), M = cost.size(2);
   at::Tensor out = at::empty({P, M}, cost.options().dtype(at::kLong));
   out.fill_(-1);
@@ -177,7 +164,10 @@ at::Tensor lsa_cpu(const at::Tensor& cost, const at::Tensor& num_cols) {
   int64_t* out_ptr = out.data_ptr<int64_t>();
   const int64_t sp = cost.stride(0), sn = cost.stride(1), sm = cost.stride(2);
   auto run = [&](auto* base) {
-    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    // Chunks of at least ~256k cost entries (about a millisecond of solving): smaller batches stay on the
+    // calling thread, where a fork/join would cost more than it saves on a busy machine.
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, N * M));
+    at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
       Workspace ws;
       for (int64_t p = begin; p < end; ++p) {
         const int64_t m_valid = std::min<int64_t>(std::max<int64_t>(cols_ptr[p], 0), M);

@@ -16,6 +16,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "matcher.h"
+
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
@@ -24,9 +26,6 @@
 
 namespace detr_kernels {
 namespace {
-
-constexpr int64_t kInvalid = -2;
-constexpr int64_t kInfeasible = -3;
 
 // Dynamic shared memory of one block: working arrays for the largest problem of the launch, then the cost.
 struct Layout {
@@ -247,14 +246,7 @@ void dispatch_warps(const at::Tensor& cost, const at::Tensor& num_cols, at::Tens
 }
 
 at::Tensor lsa_cuda(const at::Tensor& cost, const at::Tensor& num_cols) {
-  TORCH_CHECK(cost.dim() == 3, "linear_sum_assignment: cost must be [P, N, M], got ", cost.dim(), " dims");
-  TORCH_CHECK(cost.scalar_type() == at::kFloat || cost.scalar_type() == at::kDouble,
-              "linear_sum_assignment: cost must be float32 or float64, got ", cost.scalar_type());
-  TORCH_CHECK(num_cols.dim() == 1 && num_cols.size(0) == cost.size(0) && num_cols.scalar_type() == at::kLong,
-              "linear_sum_assignment: num_cols must be int64 [P] = [", cost.size(0), "], got ",
-              num_cols.scalar_type(), " ", num_cols.sizes());
-  TORCH_CHECK(num_cols.device() == cost.device(), "linear_sum_assignment: num_cols is on ", num_cols.device(),
-              " but cost is on ", cost.device());
+  check_lsa_inputs(cost, num_cols);
   const int64_t P = cost.size(0), N = cost.size(1), M = cost.size(2);
   TORCH_CHECK(P <= INT_MAX && N < INT_MAX / 2 && M < INT_MAX / 2, "linear_sum_assignment: sizes too large: ",
               cost.sizes());

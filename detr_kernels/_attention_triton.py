@@ -11,9 +11,9 @@ Numerics: scores are kept in base 2 (``scale * log2(e)`` folded in), accumulatio
 input dtype before the P @ V product (as flash attention does). The forward saves the row log-sum-exp in
 base 2; the backward recomputes P from it.
 
-Dropout uses Philox in the kernel: the key is (seed, batch * heads + head), the counter is
-``query_row * Lk + original_key_index``, so the mask does not depend on block sizes or on the compaction and
-the backward regenerates exactly the forward's mask.
+Dropout uses Philox in the kernel, keyed by (seed, batch * heads + head). One Philox call yields four numbers,
+used for four neighbouring keys in the compacted order: counter ``query_row * ceil(Lk / 4) + position // 4``.
+The mask therefore does not depend on tile sizes, and the backward regenerates exactly the forward's mask.
 
 A batch element with no valid key has ``kv_len == 0``: its output rows are zeros, its gradients are zeros.
 """
@@ -31,10 +31,14 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _dropout_keep(seed_ptr, bh, counter, dropout_p):
-    """Keep-mask of a tile: Philox keyed by (seed, bh) at ``counter`` = query row * Lk + original key index."""
+def _dropout_uniform(seed_ptr, bh, offs_m, start_n, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Uniform [0, 1) numbers of the (BLOCK_M, BLOCK_N) tile of query rows ``offs_m`` and compacted key
+    positions ``start_n + arange(BLOCK_N)`` (``start_n`` a multiple of 4): one Philox call per 4 keys."""
     seed = tl.load(seed_ptr).to(tl.int64) + (bh.to(tl.int64) << 32)
-    return tl.rand(seed, counter) >= dropout_p
+    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    counter = offs_m[:, None] * ((Lk + 3) // 4) + groups[None, :]  # (BLOCK_M, BLOCK_N // 4)
+    r0, r1, r2, r3 = tl.rand4x(seed, counter)
+    return tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))  # column 4g + i <- r_i
 
 
 @triton.jit
@@ -82,7 +86,8 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            p = tl.where(_dropout_keep(Seed, bh, offs_m[:, None] * Lk + kidx[None, :], dropout_p), p, 0.0)
+            keep = _dropout_uniform(Seed, bh, offs_m, start_n, Lk, BLOCK_M, BLOCK_N) >= dropout_p
+            p = tl.where(keep, p, 0.0)
         v = tl.load(v_base + kidx[:, None] * stride_vn + offs_d[None, :], mask=valid_n[:, None], other=0.0)
         acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -171,7 +176,7 @@ def _attn_bwd_dkdv_kernel(
         p_t = tl.where(valid_n[:, None], p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep_t = _dropout_keep(Seed, bh, offs_m[None, :] * Lk + kidx[:, None], dropout_p)
+            keep_t = tl.trans(_dropout_uniform(Seed, bh, offs_m, pid_n * BLOCK_N, Lk, BLOCK_M, BLOCK_N)) >= dropout_p
             p_drop_t = tl.where(keep_t, p_t / (1.0 - dropout_p), 0.0)
             dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
         else:
@@ -235,7 +240,7 @@ def _attn_bwd_dq_kernel(
         p = tl.where(valid_n[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_keep(Seed, bh, offs_m[:, None] * Lk + kidx[None, :], dropout_p)
+            keep = _dropout_uniform(Seed, bh, offs_m, start_n, Lk, BLOCK_M, BLOCK_N) >= dropout_p
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -310,8 +315,6 @@ def flash_attention_backward(
     """Fills and returns (dq, dk, dv); padded keys get zero gradients."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
     delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     delta_rows = 16 if triton_interpreted() else 64
     _attn_bwd_delta_kernel[(triton.cdiv(Lq, delta_rows), B * H)](

@@ -3,8 +3,8 @@
 Order: the module ``detr_kernels._C`` that setup.py built; otherwise a JIT build of ``csrc`` with
 ``torch.utils.cpp_extension.load`` (said once, on one line, on stderr; ninja caches it under
 ``TORCH_EXTENSIONS_DIR``, so later processes only load it). When the prebuilt module has no CUDA kernel but
-this process has a GPU and a CUDA toolkit, only ``csrc/matcher_cuda.cu`` is JIT-built and registers its kernel
-on the same op. ``status()`` never raises: a failure is reported in its third field and the matcher falls back
+this process has a GPU and a CUDA toolkit, only the ``csrc/*.cu`` files are JIT-built and register their kernels
+on the same ops. ``status()`` never raises: a failure is reported in its third field and the matcher falls back
 to scipy through ``detr_kernels._backend`` (which says so).
 
 Environment: ``DETR_KERNELS_NO_JIT=1`` forbids JIT builds (prebuilt module or nothing).
@@ -31,7 +31,7 @@ def csrc_dir() -> Optional[Path]:
     """The folder holding the C++/CUDA sources: inside the installed package, or the checkout's top level."""
     here = Path(__file__).resolve().parent
     for candidate in (here / "csrc", here.parent / "csrc"):
-        if (candidate / "matcher.cpp").is_file():
+        if (candidate / "matcher.cpp").is_file():  # one of the sources; all *.cpp / *.cu there are built
             return candidate
     return None
 
@@ -100,11 +100,11 @@ def load() -> Tuple[bool, bool, str]:
             why = "DETR_KERNELS_NO_JIT=1" if no_jit else "csrc sources not found"
             return False, False, f"not built by setup.py and not JIT-compiled ({why})"
         want_cuda = _cuda_buildable()
-        sources = [src / "matcher.cpp"] + ([src / "matcher_cuda.cu"] if want_cuda else [])
+        sources = sorted(src.glob("*.cpp")) + (sorted(src.glob("*.cu")) if want_cuda else [])
         _jit("detr_kernels_ops_cuda" if want_cuda else "detr_kernels_ops_cpu", sources)
         how.append("JIT-compiled from csrc")
     if not _has_kernel("CUDA") and not no_jit and src is not None and _cuda_buildable():
-        _jit("detr_kernels_cuda_kernel", [src / "matcher_cuda.cu"])
+        _jit("detr_kernels_cuda_kernels", sorted(src.glob("*.cu")))
         how.append("CUDA kernel JIT-compiled from csrc")
     if not how:
         how.append("already registered")

@@ -69,10 +69,16 @@ def key_order(key_padding_mask: Tensor) -> Tuple[Tensor, Tensor]:
     return kv_idx, kv_len
 
 
-def _empty_in_layout_of(t: Tensor, shape=None, dtype=None) -> Tensor:
-    """An empty tensor whose memory order follows ``t``'s strides (a view of (L, B, E) stays one)."""
-    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))
-    return torch.empty_permuted(t.shape if shape is None else shape, order, dtype=dtype or t.dtype, device=t.device)
+def _empty_in_layout_of(t: Tensor) -> Tensor:
+    """An empty (B, H, L, D) tensor whose outer dims follow ``t``'s memory order, D innermost: the output of
+    heads split from an (L, B, E) projection is again a view of an (L, B, E) buffer, so merging heads is free."""
+    order = sorted(range(t.dim() - 1), key=lambda i: -t.stride(i)) + [t.dim() - 1]
+    return torch.empty_permuted(t.shape, order, dtype=t.dtype, device=t.device)
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    """The kernels address rows through strides but need each row (the head dim) contiguous."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 @torch.library.custom_op("detr_kernels::flash_attention_fwd", mutates_args=())
@@ -83,6 +89,7 @@ def _flash_attention_fwd(
     from detr_kernels._attention_triton import flash_attention_forward
 
     out = _empty_in_layout_of(q)
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     return flash_attention_forward(q, k, v, out, kv_idx, kv_len, seed, dropout_p, softmax_scale)
 
 
@@ -100,6 +107,7 @@ def _flash_attention_bwd(
     from detr_kernels._attention_triton import flash_attention_backward
 
     grads = tuple(_empty_in_layout_of(t) for t in (q, k, v))
+    dout, q, k, v = (_unit_last_stride(t) for t in (dout, q, k, v))
     return flash_attention_backward(dout, q, k, v, out, lse, *grads, kv_idx, kv_len, seed, dropout_p, softmax_scale)
 
 
@@ -139,7 +147,7 @@ def _check_triton_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 def _triton_attention(q, k, v, key_padding_mask, dropout_p, softmax_scale) -> Tensor:
     _check_triton_inputs(q, k, v)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     kv_idx = kv_len = seed = None
     if key_padding_mask is not None:
         kv_idx, kv_len = key_order(key_padding_mask)
@@ -177,6 +185,8 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Te
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(f"attention: key_padding_mask must be bool (True = ignore), got {key_padding_mask.dtype}")
+        if key_padding_mask.device != k.device:
+            raise ValueError(f"attention: key_padding_mask is on {key_padding_mask.device}, k on {k.device}")
         if tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2]):
             raise ValueError(f"attention: key_padding_mask must be (B, Lk) = {(k.shape[0], k.shape[2])}, got "
                              f"{tuple(key_padding_mask.shape)}")

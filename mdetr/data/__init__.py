@@ -93,8 +93,10 @@ def _seed_worker(worker_id: int) -> None:
 
 
 class SeededLoader(DataLoader):
-    """A DataLoader whose order is a function of (seed, epoch): ``set_epoch`` reseeds the shuffling generator
-    (or the DistributedSampler's epoch), so a resumed run replays the same batches."""
+    """A DataLoader whose order and augmentations are a function of (seed, epoch): ``set_epoch`` reseeds the
+    generator that draws both the shuffle and the workers' base seed (or sets the DistributedSampler's epoch), so
+    a resumed run replays the same batches. Workers are not persistent for that reason: each epoch's workers are
+    seeded afresh from the reseeded generator."""
 
     def __init__(self, *args, seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -120,5 +122,5 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: 
         sampler = SequentialSampler(dataset)
     return SeededLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         collate_fn=collate_fn, drop_last=drop_last, generator=generator, seed=seed,
-                        worker_init_fn=_seed_worker, persistent_workers=num_workers > 0,
+                        worker_init_fn=_seed_worker, persistent_workers=False,
                         pin_memory=torch.cuda.is_available())

@@ -97,7 +97,8 @@ class ModulatedDetection(Dataset):
         if self.qa == "gqa":
             if not isinstance(given, dict):
                 raise ValueError(f"{self.ann_file}: GQA questions need answer_vocab = the dict of "
-                                 f"gqa_answer2id_by_type.json ('answer_<head>' -> {{answer: id}}), got {type(given).__name__}")
+                                 f"gqa_answer2id_by_type.json ('answer_<head>' -> {{answer: id}}), "
+                                 f"got {type(given).__name__}")
             return given
         if self.qa != "clevr":
             return list(given) if given is not None else None

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from mdetr.boxes import box_xywh_to_xyxy, generalized_box_iou
+from mdetr.boxes import generalized_box_iou
 
 GENERATOR_VERSION = 1
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
@@ -352,40 +352,43 @@ def _random_desc(rng: np.random.Generator, objects: Sequence[Obj], present: bool
 
 
 def _question(kind: str, rng: np.random.Generator, objects: Sequence[Obj]) -> Optional[Tuple[str, Annots, dict]]:
+    """One question of family ``kind``; its annotations are the boxes its description phrase refers to."""
     cap = Caption()
-    if kind in ("exists", "count"):
-        desc = _random_desc(rng, objects, present=rng.random() < (0.5 if kind == "exists" else 0.7))
+    if kind == "exists":
+        desc = _random_desc(rng, objects, present=rng.random() < 0.5)
+        phrase = noun_phrase(desc)
+        cap.add("Is there " + _article(phrase))
+        span, _ = list(cap.add(phrase)), cap.add("?")
         members = [i for i, o in enumerate(objects) if matches(o, desc)]
-        if kind == "exists":
-            phrase = noun_phrase(desc)
-            cap.add("Is there " + _article(phrase))
-            answer, answer_type = ("yes" if members else "no"), "binary"
-        else:
-            phrase = noun_phrase(desc, plural=True)
-            cap.add("How many ")
-            answer, answer_type = str(len(members)), "count"
-        span = list(cap.add(phrase))
-        cap.add(" are there?" if kind == "count" else "?")
+        answer, answer_type = ("yes" if members else "no"), "binary"
+    elif kind == "count":
+        desc = _random_desc(rng, objects, present=rng.random() < 0.7)
+        cap.add("How many ")
+        span, _ = list(cap.add(noun_phrase(desc, plural=True))), cap.add(" are there?")
+        members = [i for i, o in enumerate(objects) if matches(o, desc)]
+        answer, answer_type = str(len(members)), "count"
     else:
         queried = kind.split("_")[1]
-        others = [a for a in ATTRS if a != queried]
-        subsets = [s for s in ([others[0]], [others[1]], others)]
-        order = rng.permutation(len(objects))
-        for i in order:
-            options = [describe(objects[int(i)], s) for s in subsets]
-            options = [d for d in options if sum(matches(o, d) for o in objects) == 1]
-            if options:
-                desc = options[int(rng.integers(len(options)))]
-                members = [int(i)]
-                break
-        else:
+        found = _unique_without(rng, objects, queried)
+        if found is None:
             return None
+        i, desc = found
         cap.add(f"What {queried} is the ")
-        span = list(cap.add(noun_phrase(desc)))
-        cap.add("?")
-        answer, answer_type = objects[members[0]].attr(queried), "attribute"
+        span, _ = list(cap.add(noun_phrase(desc))), cap.add("?")
+        members, answer, answer_type = [i], objects[i].attr(queried), "attribute"
     extras = {"answer": answer, "answer_type": answer_type, "question_family": kind}
     return cap.text, [(i, [span], {}) for i in members], extras
+
+
+def _unique_without(rng: np.random.Generator, objects: Sequence[Obj], queried: str) -> Optional[Tuple[int, Desc]]:
+    """A random object and a description of it that does not use ``queried`` and matches only it."""
+    others = [a for a in ATTRS if a != queried]
+    for i in rng.permutation(len(objects)):
+        options = [describe(objects[int(i)], s) for s in ([others[0]], [others[1]], others)]
+        options = [d for d in options if sum(matches(o, d) for o in objects) == 1]
+        if options:
+            return int(i), options[int(rng.integers(len(options)))]
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -484,7 +487,8 @@ def ensure_shapes_dataset(root, num_train: int = DEFAULT_SIZES["num_train"], num
                           num_test: int = DEFAULT_SIZES["num_test"], seed: int = 0) -> Path:
     """Generates the dataset under ``root`` unless a stamp file records the same parameters (and generator
     version). Generation goes to a temporary sibling folder that replaces ``root`` at the end, so an interrupted
-    run never leaves a stamped half-dataset. Not safe against two processes generating at once: in distributed
+    run never leaves a stamped half-dataset. A ``root`` holding anything else than a previous generation is an
+    error (it would be deleted). Not safe against two processes generating at once: in distributed
     runs call it on rank 0 before the others read."""
     root = Path(root)
     params = {"version": GENERATOR_VERSION, "num_train": num_train, "num_val": num_val, "num_test": num_test,
@@ -496,6 +500,11 @@ def ensure_shapes_dataset(root, num_train: int = DEFAULT_SIZES["num_train"], num
                 return root
         except (json.JSONDecodeError, OSError):
             pass
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in ("images", "annotations", STAMP)) \
+        if root.is_dir() else []
+    if foreign:  # never delete what this generator did not write
+        raise ValueError(f"{str(root)!r} holds files that are not a shapes dataset ({foreign[:5]}); "
+                         f"pick an empty or dedicated folder for the generated data")
     tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     stats = generate_shapes_dataset(tmp, num_train, num_val, num_test, seed)

@@ -160,7 +160,8 @@ def _load_pretrained(body: nn.Module, name: str) -> None:
     expected = body.state_dict()
     missing = [k for k in expected if k not in weights]
     if missing:
-        raise KeyError(f"pretrained weights of {name!r} lack {len(missing)} feature-extractor tensors, e.g. {missing[:3]}")
+        raise KeyError(f"pretrained weights of {name!r} lack {len(missing)} feature-extractor tensors, "
+                       f"e.g. {missing[:3]}")
     body.load_state_dict({k: weights[k] for k in expected})
 
 

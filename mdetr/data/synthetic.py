@@ -516,6 +516,42 @@ def ensure_shapes_dataset(root, num_train: int = DEFAULT_SIZES["num_train"], num
     return root
 
 
+def render_preview(root, out, tasks: Sequence[str] = ("refexp", "grounding", "pretrain"), per_task: int = 3,
+                   split: str = "val") -> Path:
+    """A PNG grid of generated images with their caption and boxes (a column per task), for docs and eyeballing."""
+    from PIL import ImageDraw
+
+    root, tiles = Path(root), []
+    for task in tasks:
+        data = json.loads((root / "annotations" / f"shapes_{task}_{split}.json").read_text())
+        boxes: Dict[int, List[List[float]]] = {}
+        for ann in data["annotations"]:
+            boxes.setdefault(ann["image_id"], []).append(ann["bbox"])
+        for entry in data["images"][:per_task]:
+            image = Image.open(root / "images" / entry["file_name"]).convert("RGB")
+            tile = Image.new("RGB", (280, 300), "white")
+            tile.paste(image, (0, 0))
+            draw = ImageDraw.Draw(tile)
+            for x, y, w, h in boxes.get(entry["id"], []):
+                draw.rectangle([x, y, x + w, y + h], outline=(255, 255, 255), width=2)
+            words, line, lines = entry["caption"].split(), "", []
+            for word in words:
+                if len(line) + len(word) > 44:
+                    lines.append(line)
+                    line = ""
+                line = f"{line} {word}".strip()
+            lines.append(line)
+            draw.multiline_text((2, 258), "\n".join(lines[:3]), fill=(0, 0, 0))
+            tiles.append(tile)
+    grid = Image.new("RGB", (280 * per_task, 300 * len(tasks)), "white")
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, (280 * (i % per_task), 300 * (i // per_task)))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Generate the embedded shapes dataset (MDETR annotation format).")
     parser.add_argument("--out", required=True, help="output folder")
@@ -523,6 +559,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--num-val", type=int, default=DEFAULT_SIZES["num_val"])
     parser.add_argument("--num-test", type=int, default=DEFAULT_SIZES["num_test"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preview", help="also write a PNG grid of validation images with captions and boxes")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     stats = generate_shapes_dataset(args.out, args.num_train, args.num_val, args.num_test, args.seed)
@@ -530,6 +567,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"{split}: {s['images']} images, {s['refexp']} referring expressions, "
               f"chance precision@1 {s['chance_precision_at_1']:.3f}, spatial {s['spatial_fraction']:.1%}")
     print(f"written to {args.out} in {time.perf_counter() - start:.1f} s")
+    if args.preview:
+        print(f"preview: {render_preview(args.out, args.preview)}")
 
 
 if __name__ == "__main__":

@@ -156,6 +156,7 @@ class Preset:
 PRESETS: Dict[str, Preset] = {
     "mdetr": Preset(tuple(range(480, 801, 32)), 1333, (400, 500, 600), 384, 600, 800),
     "shapes": Preset(tuple(range(160, 257, 16)), 320, (192, 224, 256), 128, 224, 224),
+    "shapes_small": Preset(tuple(range(128, 193, 16)), 256, (160, 192), 112, 176, 160),  # 15-minute CPU runs
     "tiny": Preset((64, 80, 96), 128, (96, 112), 64, 96, 96),  # smoke tests: a few pixels per object
 }
 

@@ -40,7 +40,7 @@ class RunLog:
         rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
         return [r for r in rows if kind is None or r["kind"] == kind]
 
-    def plot(self, metric: str = "precision@1") -> Optional[Path]:
+    def plot(self) -> Optional[Path]:
         """Loss per step (left) and the validation metric per epoch (right), to ``curves.png``."""
         if not self.enabled:
             return None

@@ -145,7 +145,7 @@ def _mdetr_resnet101(cfg: Config) -> None:
     cfg.data.val_ann = "final_refcoco_val.json"
     cfg.data.transforms = "mdetr"
     cfg.data.batch_size = 2
-    cfg.model.backbone = "resnet101"
+    cfg.model.backbone = "resnet101.tv_in1k"  # torchvision V1 weights, as the reference
     cfg.model.text_encoder = "roberta-base"
     cfg.train.output_dir = "runs/mdetr_resnet101"
 
@@ -264,7 +264,23 @@ def resolve(preset_name: str = "shapes", file: Optional[str] = None, overrides: 
         if not sep:
             raise ValueError(f"override must look like --section.field=value, got {item!r}")
         set_value(cfg, key, yaml.safe_load(value) if value else value)
+    validate(cfg)
     return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject values that would otherwise fail late (inside the loop) or silently."""
+    choices = {"train.precision": (cfg.train.precision, ("fp32", "bf16", "fp16")),
+               "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
+               "data.dataset": (cfg.data.dataset, ("shapes", "mdetr"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+    for key in ("train.log_every", "train.eval_every", "optim.grad_accum", "data.batch_size", "optim.epochs"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < 1:
+            raise ValueError(f"{key} must be >= 1, got {value}")
 
 
 def from_dict(tree: Dict[str, Any]) -> Config:

@@ -18,7 +18,7 @@ from mdetr import distributed as dist_utils
 from mdetr.boxes import box_cxcywh_to_xyxy
 from mdetr.config import OptimConfig
 from mdetr.evaluation.refexp import RefExpEvaluator
-from mdetr.losses.qa import qa_correct
+from mdetr.losses.qa import HEADS as QA_HEADS, qa_correct
 from mdetr.models import param_groups
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -201,26 +201,33 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, precision
             qa_right["answer"].append(right["answer"].cpu())
             qa_right["type"].append(right["type"].cpu())
             qa_right["answer_type"].append(batch["answers"]["answer_type"].cpu())
-    metrics = refexp.summarize() if refexp.count else {}
-    if qa_right["answer"]:
-        answer = torch.cat(qa_right["answer"]).float()
-        types = torch.cat(qa_right["answer_type"])
-        metrics["qa_accuracy"] = answer.mean().item()
-        metrics["qa_type_accuracy"] = torch.cat(qa_right["type"]).float().mean().item()
-        for t in types.unique().tolist():
-            metrics[f"qa_accuracy_type{t}"] = answer[types == t].mean().item()
-    return _reduce_metrics(metrics, refexp.count)
+    return _metrics_from_counts(refexp, qa_right, qa_dataset)
 
 
-def _reduce_metrics(metrics: Dict[str, float], count: int) -> Dict[str, float]:
-    """Average metrics over ranks, weighted by each rank's sample count."""
-    if not dist_utils.is_distributed():
-        return metrics
-    keys = sorted(metrics)
-    values = torch.tensor([metrics[k] * count for k in keys] + [count], dtype=torch.float64)
-    values = dist_utils.all_reduce_sum(values)
-    total = max(values[-1].item(), 1.0)
-    return {k: values[i].item() / total for i, k in enumerate(keys)}
+def _metrics_from_counts(refexp: RefExpEvaluator, qa_right: Dict[str, List[Tensor]],
+                         qa_dataset: Optional[str]) -> Dict[str, float]:
+    """Sum raw counts over ranks (a fixed-length vector on every rank), then turn them into rates."""
+    num_types = len(QA_HEADS[qa_dataset]) if qa_dataset is not None else 0
+    answer = torch.cat(qa_right["answer"]).float() if qa_right["answer"] else torch.zeros(0)
+    type_ok = torch.cat(qa_right["type"]).float() if qa_right["type"] else torch.zeros(0)
+    types = torch.cat(qa_right["answer_type"]) if qa_right["answer_type"] else torch.zeros(0, dtype=torch.long)
+    per_type = [(answer[types == t].sum(), (types == t).sum()) for t in range(num_types)]
+    counts = torch.tensor([*refexp.hits.tolist(), refexp.count, answer.sum(), type_ok.sum(), len(answer),
+                           *[v for pair in per_type for v in pair]], dtype=torch.float64)
+    counts = dist_utils.all_reduce_sum(counts)
+    k = len(refexp.ks)
+    metrics: Dict[str, float] = {}
+    if counts[k] > 0:
+        metrics.update({f"precision@{ks}": (counts[i] / counts[k]).item() for i, ks in enumerate(refexp.ks)})
+    qa_total = counts[k + 3]
+    if qa_total > 0:
+        metrics["qa_accuracy"] = (counts[k + 1] / qa_total).item()
+        metrics["qa_type_accuracy"] = (counts[k + 2] / qa_total).item()
+        for t in range(num_types):
+            right, total = counts[k + 4 + 2 * t], counts[k + 5 + 2 * t]
+            if total > 0:
+                metrics[f"qa_accuracy_type{t}"] = (right / total).item()
+    return metrics
 
 
 def steps_per_epoch(num_batches: int, grad_accum: int) -> int:

@@ -71,7 +71,7 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
     main = rank == 0
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.train.seed + rank)
+    seed_everything(cfg.train.seed)  # the same initial weights on every rank (and so the same EMA start)
     out_dir = Path(cfg.train.output_dir)
     backends = choose_backends(cfg.train.fused, device)
     if main:
@@ -81,7 +81,7 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
 
     train_set, val_set = build_datasets(cfg.data, cfg.model.text_encoder, is_main=main)
     train_loader = build_loader(train_set, cfg.data.batch_size, shuffle=True, num_workers=cfg.data.num_workers,
-                                seed=cfg.train.seed, distributed=world > 1)
+                                seed=cfg.train.seed, distributed=world > 1, rank=rank)
     val_loader = build_loader(val_set, cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
                               seed=cfg.train.seed, distributed=world > 1)
 
@@ -89,7 +89,6 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
     criterion = build_criterion(cfg.loss, cfg.model.dec_layers, cfg.model.qa_dataset, backends)
     optimizer = make_optimizer(model, cfg.optim, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
-    ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema else None
     state = TrainState()
 
     resume_from = ckpt.find_resume(cfg.train.resume, out_dir)
@@ -99,12 +98,20 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
         optimizer.load_state_dict(saved["optimizer"])
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
-        if ema is not None and saved.get("ema"):
-            ema.load_state_dict(saved["ema"])
         state = TrainState(epoch=saved["epoch"] + 1, step=saved["step"], history=saved.get("history", []))
-        ckpt.set_rng_state(saved["rng"][rank] if isinstance(saved["rng"], list) else saved["rng"])
+        rng = saved["rng"]
+        if isinstance(rng, list) and len(rng) != world:
+            raise RuntimeError(f"checkpoint {resume_from} was written by {len(rng)} processes, this run has {world}: "
+                               f"an exact resume needs the same world size")
+        ckpt.set_rng_state(rng[rank] if isinstance(rng, list) else rng)
         if main:
             print(f"resumed from {resume_from}: epoch {state.epoch}, step {state.step}")
+    else:
+        seed_everything(cfg.train.seed + rank)  # per-rank streams for dropout and augmentation
+    # built after any resume, so it starts from the loaded weights when the checkpoint holds no EMA
+    ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema else None
+    if ema is not None and resume_from is not None and saved.get("ema"):
+        ema.load_state_dict(saved["ema"])
 
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(

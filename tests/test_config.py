@@ -9,7 +9,7 @@ def test_presets_resolve_and_differ():
     shapes = C.preset("shapes")
     r101 = C.preset("mdetr_resnet101")
     assert shapes.model.backbone == "tf_efficientnet_lite0"
-    assert r101.model.backbone == "resnet101" and r101.model.text_encoder == "roberta-base"
+    assert r101.model.backbone == "resnet101.tv_in1k" and r101.model.text_encoder == "roberta-base"
     assert C.preset("clevr").model.qa_dataset == "clevr"
     with pytest.raises(ValueError, match="preset must be one of"):
         C.preset("nope")
@@ -31,6 +31,9 @@ def test_overrides_are_typed():
     ("--train.fused=maybe", "expects a boolean"),
     ("--model=3", "is a section"),
     ("--model.d_model", "section.field=value"),
+    ("--train.precision=fp64", "train.precision must be one of"),
+    ("--train.eval_every=0", "train.eval_every must be >= 1"),
+    ("--train.device=cuda:0", "train.device must be one of"),
 ])
 def test_bad_overrides_name_the_key(item, message):
     with pytest.raises(ValueError, match=message):

@@ -110,10 +110,12 @@ class SeededLoader(DataLoader):
 
 
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
-                 distributed: bool = False, drop_last: bool = False) -> SeededLoader:
+                 distributed: bool = False, drop_last: bool = False, rank: int = 0) -> SeededLoader:
     """Seeded loader with ``collate_fn``; worker processes build the positive maps and run the transforms."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # HF tokenizers' threads do not survive fork into workers
-    generator = torch.Generator().manual_seed(seed)
+    # the shuffle (DistributedSampler: ``seed``) is shared by all ranks; augmentation streams differ per rank
+    stream_seed = seed + 1_000_003 * rank
+    generator = torch.Generator().manual_seed(stream_seed)
     if distributed:
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
     elif shuffle:
@@ -121,6 +123,6 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: 
     else:
         sampler = SequentialSampler(dataset)
     return SeededLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        collate_fn=collate_fn, drop_last=drop_last, generator=generator, seed=seed,
+                        collate_fn=collate_fn, drop_last=drop_last, generator=generator, seed=stream_seed,
                         worker_init_fn=_seed_worker, persistent_workers=False,
                         pin_memory=torch.cuda.is_available())

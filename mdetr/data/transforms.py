@@ -14,7 +14,7 @@ Recipes (no horizontal flip anywhere: captions say left and right):
   spatial relations in the captions true and needs no retries.)
 - eval: resize the short side to one fixed size (long side capped).
 
-Presets: ``"mdetr"`` (train 480..800 step 32, max 1333, crop from 400/500/600 to a 384..600 window; eval 800) and
+Presets: ``"mdetr"`` (train 480..800 step 32, max 1333, crop from 400/500/600 to a 384..1333 window, as the reference; eval 800) and
 ``"shapes"`` for the embedded 160..256 px images (train 160..256 step 16, max 320, crop from 192/224/256 to a
 128..224 window; eval 224).
 """
@@ -154,7 +154,7 @@ class Preset:
 
 
 PRESETS: Dict[str, Preset] = {
-    "mdetr": Preset(tuple(range(480, 801, 32)), 1333, (400, 500, 600), 384, 600, 800),
+    "mdetr": Preset(tuple(range(480, 801, 32)), 1333, (400, 500, 600), 384, 1333, 800),
     "shapes": Preset(tuple(range(160, 257, 16)), 320, (192, 224, 256), 128, 224, 224),
     "shapes_small": Preset(tuple(range(128, 193, 16)), 256, (160, 192), 112, 176, 160),  # 15-minute CPU runs
     "tiny": Preset((64, 80, 96), 128, (96, 112), 64, 96, 96),  # smoke tests: a few pixels per object

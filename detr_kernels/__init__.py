@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from detr_kernels._backend import BackendUnavailableError, auto_choice, describe, report, resolve
+from detr_kernels._backend import REFERENCE_BACKENDS, BackendUnavailableError, auto_choice, describe, report, resolve
 
 __version__ = "0.1.0"
 
@@ -26,7 +26,7 @@ _EXPORTS = {
     "soft_token_loss_reference": "detr_kernels.soft_token",
 }
 
-__all__ = ["BackendUnavailableError", "auto_choice", "describe", "report", "resolve", *_EXPORTS]
+__all__ = ["REFERENCE_BACKENDS", "BackendUnavailableError", "auto_choice", "describe", "report", "resolve", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:

@@ -36,6 +36,10 @@ _ALL_BACKENDS: Dict[str, Tuple[str, ...]] = {
     "soft_token": ("triton", "reference"),
 }
 
+# the pure-PyTorch (scipy for the solver) backend of each op: the oracle of tests and the non-fused path
+REFERENCE_BACKENDS: Dict[str, str] = {"attention": "reference", "matcher": "scipy", "contrastive": "reference",
+                                      "soft_token": "reference"}
+
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run on this machine or device."""

@@ -36,7 +36,7 @@ def choose_backends(fused: bool, device: torch.device) -> Dict[str, str]:
     """The backend of every op: the best available with ``--fused``, the pure-PyTorch reference without."""
     if fused:
         return detr_kernels.describe(device)
-    return {"attention": "reference", "matcher": "scipy", "contrastive": "reference", "soft_token": "reference"}
+    return dict(detr_kernels.REFERENCE_BACKENDS)
 
 
 def seed_everything(seed: int) -> None:

@@ -5,6 +5,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torchvision.ops import box_convert, generalized_box_iou
 
+from detr_kernels import REFERENCE_BACKENDS
 from mdetr.config import LossConfig
 from mdetr.losses.criterion import build_criterion, query_targets
 
@@ -81,7 +82,7 @@ def literal_losses(out, batch, cfg: LossConfig):
             "loss_contrastive_align": (b2t + t2b) / 2 / num_boxes}
 
 
-BACKENDS = {"matcher": "scipy", "contrastive": "reference", "soft_token": "reference"}
+BACKENDS = REFERENCE_BACKENDS
 
 
 @pytest.mark.parametrize("num_targets", [[2, 1, 4], [0, 3, 1], [0, 0, 0]])

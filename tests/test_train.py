@@ -7,12 +7,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from detr_kernels import REFERENCE_BACKENDS
 from mdetr import config as C
 from mdetr.losses.criterion import build_criterion
 from mdetr.models import build_from_config
 from mdetr.train import run
 
-REFERENCE = {"attention": "reference", "matcher": "scipy", "contrastive": "reference", "soft_token": "reference"}
+REFERENCE = REFERENCE_BACKENDS
 
 
 def tiny_config(root, out_dir, **overrides) -> C.Config:

@@ -84,3 +84,52 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a truncated or foreign file
         raise RuntimeError(f"checkpoint {str(path)!r} could not be read: {err}") from err
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema",
+               attention_backend: str = "reference"):
+    """A training checkpoint of ``python -m mdetr.train`` -> (model in eval mode, its resolved ``Config``).
+
+    ``weights``: "ema" (the averaged weights, what validation reports; the live ones when the run kept no EMA)
+    or "model" (the live weights)."""
+    from mdetr import config as config_mod
+    from mdetr.models import build_from_config
+
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    saved = load_checkpoint(path)
+    if not isinstance(saved, dict) or "model" not in saved or "config" not in saved:
+        raise ValueError(f"checkpoint {str(path)!r} is not a training checkpoint of mdetr.train (needs 'model' and "
+                         f"'config'; got keys {sorted(saved) if isinstance(saved, dict) else type(saved).__name__}); "
+                         f"released MDETR checkpoints load with mdetr.load_pretrained")
+    cfg = config_mod.from_dict(saved["config"])
+    model = build_from_config(cfg.model, attention_backend=attention_backend)
+    state = saved["ema"] if weights == "ema" and saved.get("ema") else saved["model"]
+    model.load_state_dict(state)
+    return model.to(device).eval(), cfg
+
+
+def load_weights(model, path: str | Path, verbose: bool = True) -> None:
+    """Fine-tuning start: copy a training checkpoint's weights (its EMA when it has one) into ``model``.
+
+    Tensors are matched by name. Heads the new task adds (e.g. QA heads on a pre-trained detector) keep their
+    fresh initialization and are listed; a checkpoint tensor the model lacks, or one whose shape differs, is an
+    error naming it (a silently dropped tensor would be a model that was never fine-tuned from anything)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"train.load: no checkpoint at {str(path)!r} (the shapes fine-tuning presets start "
+                                f"from the default run's runs/shapes/checkpoint.pth: run `python -m mdetr.train` first)")
+    saved = load_checkpoint(path)
+    if not isinstance(saved, dict) or "model" not in saved:
+        raise ValueError(f"train.load: {str(path)!r} is not a training checkpoint of mdetr.train (no 'model' entry)")
+    state = saved["ema"] if saved.get("ema") else saved["model"]
+    own = model.state_dict()
+    unexpected = sorted(k for k in state if k not in own)
+    mismatched = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                        for k in state if k in own and state[k].shape != own[k].shape)
+    if unexpected or mismatched:
+        raise ValueError(f"train.load: {str(path)!r} does not fit this model: tensors it lacks {unexpected[:8]}, "
+                         f"shapes that differ (checkpoint vs model) {mismatched[:8]}")
+    missing = sorted(k for k in own if k not in state)
+    model.load_state_dict(state, strict=False)
+    if verbose:
+        print(f"loaded {len(state)} tensors from {path}" + (f"; newly initialized: {missing}" if missing else ""))

@@ -3,7 +3,7 @@ it and every helper is a no-op there."""
 from __future__ import annotations
 
 import os
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -53,12 +53,30 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value / world_size()
 
 
+def _collective_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo reduces CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (the input itself on one process), returned on the input's device: counts kept on the CPU
+    travel through the GPU under NCCL."""
     if not is_distributed():
         return value
-    value = value.clone()
-    dist.all_reduce(value)
-    return value
+    summed = value.to(_collective_device(), copy=True)
+    dist.all_reduce(summed)
+    return summed.to(value.device)
+
+
+def all_gather_objects(obj: object) -> List[object]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` on one process."""
+    if not is_distributed():
+        return [obj]
+    gathered: List[object] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def barrier() -> None:

@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from mdetr import distributed as dist_utils
 from mdetr.boxes import box_cxcywh_to_xyxy
 from mdetr.config import OptimConfig
+from mdetr.evaluation.qa import QAEvaluator
 from mdetr.evaluation.refexp import RefExpEvaluator
-from mdetr.losses.qa import HEADS as QA_HEADS, qa_correct
+from mdetr.losses.qa import qa_correct
 from mdetr.models import param_groups
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,7 +107,7 @@ def autocast(device: torch.device, precision: str):
 def train_one_epoch(model: nn.Module, criterion, loader: Iterable, optimizer: torch.optim.Optimizer,
                     scaler: Optional[torch.amp.GradScaler], ema: Optional[ModelEMA], state: TrainState,
                     optim_cfg: OptimConfig, total_steps: int, device: torch.device, precision: str,
-                    log_every: int, max_steps: int = 0,
+                    log_every: int, max_steps: int = 0, deadline: Optional[float] = None,
                     on_log: Optional[Callable[[Dict[str, float]], None]] = None,
                     progress=None) -> Dict[str, float]:
     """One pass over ``loader``. Returns the epoch's mean of each logged loss."""
@@ -167,6 +168,8 @@ def train_one_epoch(model: nn.Module, criterion, loader: Iterable, optimizer: to
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
             if on_log is not None:
                 on_log(record)
+            if deadline is not None and _past(deadline):
+                break
         if max_steps and state.step >= max_steps:
             break
     if count:
@@ -206,28 +209,22 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, precision
 
 def _metrics_from_counts(refexp: RefExpEvaluator, qa_right: Dict[str, List[Tensor]],
                          qa_dataset: Optional[str]) -> Dict[str, float]:
-    """Sum raw counts over ranks (a fixed-length vector on every rank), then turn them into rates."""
-    num_types = len(QA_HEADS[qa_dataset]) if qa_dataset is not None else 0
-    answer = torch.cat(qa_right["answer"]).float() if qa_right["answer"] else torch.zeros(0)
-    type_ok = torch.cat(qa_right["type"]).float() if qa_right["type"] else torch.zeros(0)
-    types = torch.cat(qa_right["answer_type"]) if qa_right["answer_type"] else torch.zeros(0, dtype=torch.long)
-    per_type = [(answer[types == t].sum(), (types == t).sum()) for t in range(num_types)]
-    counts = torch.tensor([*refexp.hits.tolist(), refexp.count, answer.sum(), type_ok.sum(), len(answer),
-                           *[v for pair in per_type for v in pair]], dtype=torch.float64)
-    counts = dist_utils.all_reduce_sum(counts)
-    k = len(refexp.ks)
-    metrics: Dict[str, float] = {}
-    if counts[k] > 0:
-        metrics.update({f"precision@{ks}": (counts[i] / counts[k]).item() for i, ks in enumerate(refexp.ks)})
-    qa_total = counts[k + 3]
-    if qa_total > 0:
-        metrics["qa_accuracy"] = (counts[k + 1] / qa_total).item()
-        metrics["qa_type_accuracy"] = (counts[k + 2] / qa_total).item()
-        for t in range(num_types):
-            right, total = counts[k + 4 + 2 * t], counts[k + 5 + 2 * t]
-            if total > 0:
-                metrics[f"qa_accuracy_type{t}"] = (right / total).item()
+    """Sum raw counts over ranks (every rank takes part, with or without samples), then turn them into rates."""
+    refexp.synchronize()
+    metrics = refexp.summarize() if refexp.count > 0 else {}
+    if qa_dataset is not None:
+        qa = QAEvaluator(qa_dataset)
+        for answer, type_right, answer_type in zip(qa_right["answer"], qa_right["type"], qa_right["answer_type"]):
+            qa.update_correct(answer, type_right, answer_type)
+        qa.synchronize()
+        metrics.update(qa.summarize())
     return metrics
+
+
+def _past(deadline: float) -> bool:
+    """Whether any rank's clock passed ``deadline`` (``time.perf_counter`` seconds): all ranks stop together."""
+    late = torch.tensor([float(time.perf_counter() >= deadline)])
+    return bool(dist_utils.all_reduce_sum(late).item() > 0)
 
 
 def steps_per_epoch(num_batches: int, grad_accum: int) -> int:

@@ -34,7 +34,7 @@ def load_tokenizer(name: str):
     """The fast tokenizer of text encoder ``name`` (``char_to_token`` needs a fast tokenizer)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(text_encoder_path(name), use_fast=True)
+    tok = AutoTokenizer.from_pretrained(text_encoder_path(name), use_fast=True, local_files_only=True)
     if not tok.is_fast:
         raise ValueError(f"text encoder {name!r} has no fast tokenizer; positive maps need char_to_token")
     return tok

@@ -27,6 +27,7 @@ from mdetr import distributed as dist_utils
 from mdetr.config import Config
 from mdetr.data import build_datasets, build_loader
 from mdetr.engine import ModelEMA, TrainState, evaluate, make_optimizer, steps_per_epoch, train_one_epoch, unwrap
+from mdetr.evaluate import make_evaluator, run_evaluator
 from mdetr.losses.criterion import build_criterion
 from mdetr.models import build_from_config
 from mdetr.tracking import RunLog
@@ -107,6 +108,8 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
         if main:
             print(f"resumed from {resume_from}: epoch {state.epoch}, step {state.step}")
     else:
+        if cfg.train.load:
+            ckpt.load_weights(model, cfg.train.load, verbose=main)
         seed_everything(cfg.train.seed + rank)  # per-rank streams for dropout and augmentation
     # built after any resume, so it starts from the loaded weights when the checkpoint holds no EMA
     ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema else None
@@ -115,7 +118,9 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
 
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            # without the contrastive loss its two projections get no gradient
+            find_unused_parameters=not cfg.loss.use_contrastive_align)
 
     per_epoch = steps_per_epoch(len(train_loader), cfg.optim.grad_accum)
     total_steps = per_epoch * cfg.optim.epochs
@@ -129,6 +134,7 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
             on_log(record)
 
     start = time.perf_counter()
+    deadline = start + 60 * cfg.train.time_limit_min if cfg.train.time_limit_min else None
     metrics: Dict[str, float] = {}
     progress = None
     if main:
@@ -142,11 +148,11 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
         train_loader.set_epoch(state.epoch)
         epoch_losses = train_one_epoch(
             model, criterion, train_loader, optimizer, scaler, ema, state, cfg.optim, total_steps, device,
-            cfg.train.precision, cfg.train.log_every, cfg.train.max_steps, on_log=log_train if main else on_log,
+            cfg.train.precision, cfg.train.log_every, cfg.train.max_steps, deadline, on_log=log_train if main else on_log,
             progress=progress)
         if (state.epoch + 1) % cfg.train.eval_every == 0 or state.epoch + 1 == cfg.optim.epochs:
             eval_model = ema.module if ema is not None else unwrap(model)
-            metrics = evaluate(eval_model, val_loader, device, cfg.train.precision, cfg.model.qa_dataset)
+            metrics = validate(cfg, eval_model, val_loader, device)
             record = {"epoch": state.epoch, "step": state.step, "minutes": (time.perf_counter() - start) / 60,
                       **{f"train_{k}": v for k, v in epoch_losses.items() if k == "loss"}, **metrics}
             state.history.append(record)
@@ -167,20 +173,31 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
                 "history": state.history,
                 "rng": _gather_rng(world),
                 "config": cfg.to_dict(),
+                "answer_vocab": train_set.answer_vocab,  # QA: what the answer heads' ids mean, for mdetr.predict
             }, state.epoch)
         else:
             _gather_rng(world)
         dist_utils.barrier()
         state.epoch += 1
-        minutes = (time.perf_counter() - start) / 60
-        if cfg.train.time_limit_min and minutes >= cfg.train.time_limit_min:
+        if deadline is not None and time.perf_counter() >= deadline:
             if main:
-                print(f"stopping after epoch {state.epoch - 1}: {minutes:.1f} min >= train.time_limit_min")
+                print(f"stopped in epoch {state.epoch - 1} at step {state.step}: train.time_limit_min="
+                      f"{cfg.train.time_limit_min} reached")
             break
     if progress is not None:
         progress.close()
     log.close()
     return {"metrics": metrics, "state": state, "minutes": (time.perf_counter() - start) / 60}
+
+
+def validate(cfg: Config, model: torch.nn.Module, loader, device: torch.device) -> Dict[str, float]:
+    """The validation metrics of ``train.eval_task``: "refexp" gives precision@k (and QA accuracy for QA models),
+    "grounding" the Flickr30k Recall@k (any-box and merged-box)."""
+    if cfg.train.eval_task == "grounding":
+        grounding = run_evaluator(model, loader, "grounding", make_evaluator("grounding"), device,
+                                  cfg.train.precision)
+        return grounding.summarize()
+    return evaluate(model, loader, device, cfg.train.precision, cfg.model.qa_dataset)
 
 
 def _gather_rng(world: int) -> object:

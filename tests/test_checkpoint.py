@@ -44,3 +44,24 @@ def test_rng_state_round_trip():
     a = torch.rand(3)
     ckpt.set_rng_state(state)
     assert torch.equal(torch.rand(3), a)
+
+
+def test_load_weights_for_fine_tuning(tmp_path, capsys):
+    from mdetr.checkpoint import load_weights
+    from mdetr.models import build_mdetr
+
+    tiny = dict(d_model=32, nheads=4, enc_layers=1, dec_layers=1, dim_feedforward=32, num_queries=4,
+                pretrained_backbone=False, freeze_text_encoder=True)
+    torch.manual_seed(0)
+    source = build_mdetr(**tiny)
+    torch.save({"model": source.state_dict(), "ema": None}, tmp_path / "pre.pth")
+    target = build_mdetr(**tiny, qa_dataset="clevr")
+    load_weights(target, tmp_path / "pre.pth")
+    assert "answer_type_head.weight" in capsys.readouterr().out  # the new heads are named
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="shapes that differ .*query_embed.weight"):
+        load_weights(build_mdetr(**dict(tiny, num_queries=5)), tmp_path / "pre.pth")
+    with pytest.raises(ValueError, match="tensors it lacks .*answer_attr_head"):
+        torch.save({"model": target.state_dict()}, tmp_path / "qa.pth")
+        load_weights(source, tmp_path / "qa.pth")

@@ -54,3 +54,11 @@ def test_file_then_overrides_and_round_trip(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothere.yaml"):
         C.resolve("shapes", str(tmp_path / "nothere.yaml"), [])
+
+
+def test_from_dict_gives_missing_fields_their_old_behaviour():
+    tree = C.preset("shapes").to_dict()
+    tree["model"].update(num_queries=20)
+    del tree["model"]["query_grid"]  # a checkpoint saved before anchor queries existed
+    cfg = C.from_dict(tree)
+    assert cfg.model.query_grid == 0 and cfg.model.num_queries == 20 and cfg.preset == "shapes"

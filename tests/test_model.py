@@ -354,3 +354,60 @@ def test_phrase_scores_take_the_max_token_probability():
     logits = torch.log(torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]]))
     mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     assert_close(phrase_scores(logits, mask), torch.tensor([[0.6, 0.3], [0.1, 0.5]]), what="phrase scores")
+
+
+# ---- anchor queries (query_grid) ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def anchor_model():
+    torch.manual_seed(0)
+    return build_mdetr(**dict(TINY, num_queries=9), query_grid=3, backbone_stride=16, pretrained_backbone=False).eval()
+
+
+def test_query_grid_must_match_num_queries():
+    with pytest.raises(ValueError, match="num_queries == G \\* G"):
+        build_mdetr(**TINY, query_grid=3, pretrained_backbone=False)
+
+
+def test_anchor_queries_start_at_their_cells(anchor_model):
+    images, mask = images_and_mask()
+    with torch.no_grad():
+        cache = anchor_model.encode(images, mask, CAPTIONS)
+        out = anchor_model.decode(cache)
+    assert "query_embed" not in dict(anchor_model.named_parameters())
+    assert cache["query_embed"].shape == cache["query_content"].shape == (9, 2, 64)
+    centres = torch.tensor([1 / 6, 1 / 2, 5 / 6])
+    expected = torch.stack(torch.meshgrid(centres, centres, indexing="xy"), -1).reshape(9, 2)
+    assert_close(cache["reference_boxes"][1, :, :2], expected, what="cell centres (x, y), row-major")
+    # an untrained offset head moves boxes only a little from their cells
+    assert (out["pred_boxes"][..., :2] - expected).abs().max() < 0.2
+    assert out["pred_boxes"].shape == (2, 9, 4) and len(out["aux_outputs"]) == 1
+
+
+def test_anchor_queries_ignore_padding(anchor_model):
+    images, mask = images_and_mask()
+    mask[1, 32:] = True  # two valid feature rows: the last row of cells is sampled at its centre, not below it
+    images[1, :, 32:] = 0.0
+    with torch.no_grad():
+        _, feature_mask, pos = anchor_model.backbone(images, mask)
+        cache = anchor_model.encode(images, mask, CAPTIONS)
+        assert feature_mask[1].any()
+        perturbed = dict(cache, query_embed=cache["query_embed"][9:])  # the anchors are sampled again below
+        perturbed["img_memory"] = cache["img_memory"] + 10 * cache["mask"].T[..., None]
+        anchor_model._add_anchor_queries(perturbed, feature_mask, pos)
+        clean_out, perturbed_out = anchor_model.decode(cache), anchor_model.decode(perturbed)
+    for key in ("query_embed", "query_content", "reference_boxes"):
+        assert_close(perturbed[key], cache[key], what=f"anchors sampled from padded memory: {key}")
+    for key in ("pred_logits", "pred_boxes", "proj_queries"):
+        assert_close(perturbed_out[key], clean_out[key], atol=1e-4, what=f"masked memory: {key}")
+
+
+def test_anchor_queries_with_qa_slots():
+    torch.manual_seed(0)
+    model = build_mdetr(**dict(TINY, num_queries=4), query_grid=2, qa_dataset="clevr", pretrained_backbone=False)
+    images, mask = images_and_mask()
+    out = model(images, mask, CAPTIONS)
+    assert out["pred_boxes"].shape == (2, 4, 4) and out["pred_answer_type"].shape == (2, 3)
+    out["pred_answer_type"].sum().backward()  # QA slots see the anchors through self-attention
+    assert model.qa_embed.weight.grad is not None
+

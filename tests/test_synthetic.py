@@ -219,7 +219,11 @@ def test_ensure_generates_once_and_on_change(tmp_path):
         ensure_shapes_dataset(root, num_train=6, num_val=2, num_test=2, seed=0)
 
 
-def test_cli_prints_chance(tmp_path, capsys):
-    synthetic.main(["--out", str(tmp_path), "--num-train", "5", "--num-val", "3", "--num-test", "3", "--seed", "4"])
+def test_cli_prints_chance_and_stamps(tmp_path, capsys):
+    root = tmp_path / "world"
+    synthetic.main(["--out", str(root), "--num-train", "5", "--num-val", "3", "--num-test", "3", "--seed", "4"])
     out = capsys.readouterr().out
-    assert "chance precision@1" in out and (tmp_path / "annotations" / "shapes_mixed_val.json").is_file()
+    assert "chance precision@1" in out and (root / "annotations" / "shapes_mixed_val.json").is_file()
+    stamp = (root / synthetic.STAMP).stat().st_mtime_ns
+    ensure_shapes_dataset(root, num_train=5, num_val=3, num_test=3, seed=4)  # what training calls: no regeneration
+    assert (root / synthetic.STAMP).stat().st_mtime_ns == stamp

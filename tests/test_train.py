@@ -21,7 +21,7 @@ def tiny_config(root, out_dir, **overrides) -> C.Config:
         "data.root": root, "data.num_train": 8, "data.train_ann": "shapes_refexp_train.json",
         "data.transforms": "tiny", "data.num_val": 4, "data.num_test": 4, "data.batch_size": 4,
         "data.num_workers": 0, "model.d_model": 32, "model.nheads": 4, "model.enc_layers": 1, "model.dec_layers": 2,
-        "model.dim_feedforward": 64, "model.num_queries": 8, "model.freeze_text_encoder": True,
+        "model.dim_feedforward": 64, "model.num_queries": 9, "model.query_grid": 3, "model.freeze_text_encoder": True,
         "optim.epochs": 2, "optim.lr_drop": 10, "optim.lr": 5e-4, "train.output_dir": out_dir, "train.log_every": 1,
         "train.threads": 2,
     }
@@ -51,6 +51,14 @@ def test_tiny_run_loss_falls_and_writes_artifacts(shapes_root, tmp_path):
         assert (out / name).exists(), name
     assert "precision@1" in result["metrics"]
     assert C.resolve("shapes", str(out / "config.yaml"), []) == cfg
+
+
+def test_time_limit_stops_mid_epoch_then_validates_and_saves(shapes_root, tmp_path, capsys):
+    cfg = tiny_config(shapes_root, str(tmp_path / "run"), **{"optim.epochs": 3, "train.time_limit_min": 1e-4})
+    _, result = train_losses(cfg)
+    state = result["state"]
+    assert (state.epoch, state.step) == (1, 1) and "train.time_limit_min=0.0001 reached" in capsys.readouterr().out
+    assert "precision@1" in result["metrics"] and (tmp_path / "run" / "checkpoint.pth").exists()
 
 
 @pytest.mark.slow

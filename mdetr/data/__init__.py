@@ -9,6 +9,7 @@ transforms, collate and loaders.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Optional, Tuple
@@ -70,7 +71,17 @@ def build_dataset(data_cfg, split: str, tokenizer, ann_file: Optional[str] = Non
         raise ValueError(f"data.dataset must be 'shapes' or 'mdetr', got {data_cfg.dataset!r}")
     image_dir = Path(data_cfg.image_dir) if data_cfg.image_dir else Path(data_cfg.root) / "images"
     return ModulatedDetection(image_dir, _ann_path(data_cfg, split, ann_file), tokenizer,
-                              make_transforms(split, data_cfg.transforms))
+                              make_transforms(split, data_cfg.transforms), answer_vocab=_answer_vocab(data_cfg))
+
+
+def _answer_vocab(data_cfg):
+    """The ``data.answer_vocab`` JSON file's content, or None when unset."""
+    if not data_cfg.answer_vocab:
+        return None
+    path = Path(data_cfg.answer_vocab)
+    if not path.is_file():
+        raise ValueError(f"data.answer_vocab: no such file {str(path)!r}")
+    return json.loads(path.read_text())
 
 
 def build_datasets(data_cfg, text_encoder: str, is_main: bool = True) -> Tuple[ModulatedDetection, ModulatedDetection]:

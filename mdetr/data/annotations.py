@@ -18,7 +18,9 @@ orig_size          LongTensor [2]                (h, w) of the image file
 size               LongTensor [2]                (h, w) after the transforms
 dataset_name       str or None
 sentence_id, original_img_id, original_id, questionId   copied where the entry has them
-tokens_positive_eval  list per phrase of spans   where the entry has it (phrase grounding)
+tokens_positive_eval  list per phrase of spans   where the entry has it (phrase grounding), with:
+positive_map_eval  BoolTensor [P, max_tokens]    token j is in phrase p's spans
+phrase_box_map     BoolTensor [P, T]             box t is a ground truth of phrase p (``phrase_box_map``)
 phrase_ids         LongTensor [T]                where every annotation has it (shapes grounding)
 answer             str                           QA only, the raw answer; plus answer_type (LongTensor
                                                  scalar) and one ``answer_<head>`` per answer head
@@ -62,6 +64,23 @@ IGNORE = -100
 
 def _is_count(answer: str) -> bool:
     return answer.isdigit()
+
+
+def phrase_box_map(phrase_spans: Sequence[Sequence[Sequence[int]]], box_spans: Sequence[Sequence[Sequence[int]]]
+                   ) -> torch.Tensor:
+    """BoolTensor [P, T]: box t belongs to phrase p when one of its ``tokens_positive`` spans overlaps one of the
+    phrase's ``tokens_positive_eval`` spans (all [begin, end) character spans of one caption). MDETR's Flickr
+    files give each box exactly its phrase's span; the shapes world does the same."""
+    phrases = [(p, b, e) for p, spans in enumerate(phrase_spans) for b, e in spans]
+    boxes = [(t, b, e) for t, spans in enumerate(box_spans) for b, e in spans]
+    out = torch.zeros(len(phrase_spans), len(box_spans), dtype=torch.bool)
+    if phrases and boxes:
+        p_index, p_begin, p_end = torch.tensor(phrases).unbind(1)
+        t_index, t_begin, t_end = torch.tensor(boxes).unbind(1)
+        overlap = (p_begin[:, None] < t_end[None]) & (t_begin[None] < p_end[:, None])  # [phrase spans, box spans]
+        rows, cols = overlap.nonzero(as_tuple=True)
+        out[p_index[rows], t_index[cols]] = True
+    return out
 
 
 class ModulatedDetection(Dataset):
@@ -169,6 +188,10 @@ class ModulatedDetection(Dataset):
             "dataset_name": entry.get("dataset_name"),
         }
         target.update({k: entry[k] for k in COPIED_FIELDS if k in entry})
+        if "tokens_positive_eval" in entry:
+            phrases = entry["tokens_positive_eval"]
+            target["positive_map_eval"] = create_positive_map(tokenized, phrases, self.max_tokens)
+            target["phrase_box_map"] = phrase_box_map(phrases, spans)
         if phrase_ids is not None:
             target["phrase_ids"] = torch.tensor(phrase_ids, dtype=torch.long)
         if self.qa is not None and "answer" in entry:

@@ -554,7 +554,8 @@ def render_preview(root, out, tasks: Sequence[str] = ("refexp", "grounding", "pr
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Generate the embedded shapes dataset (MDETR annotation format).")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder (empty, or a previous generation: it is "
+                        "replaced unless it already holds these parameters)")
     parser.add_argument("--num-train", type=int, default=DEFAULT_SIZES["num_train"])
     parser.add_argument("--num-val", type=int, default=DEFAULT_SIZES["num_val"])
     parser.add_argument("--num-test", type=int, default=DEFAULT_SIZES["num_test"])
@@ -562,7 +563,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--preview", help="also write a PNG grid of validation images with captions and boxes")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    stats = generate_shapes_dataset(args.out, args.num_train, args.num_val, args.num_test, args.seed)
+    # stamped like the training's own generation, so `mdetr.train --data.root=DIR` reuses it as it is
+    root = ensure_shapes_dataset(args.out, args.num_train, args.num_val, args.num_test, args.seed)
+    stats = json.loads((root / STAMP).read_text())["stats"]
     for split, s in stats.items():
         print(f"{split}: {s['images']} images, {s['refexp']} referring expressions, "
               f"chance precision@1 {s['chance_precision_at_1']:.3f}, spatial {s['spatial_fraction']:.1%}")

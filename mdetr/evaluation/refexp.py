@@ -2,25 +2,44 @@
 
 For each expression the predicted boxes are ranked by score (1 - p(no-object)); the expression is a hit at k when
 the best of the top-k boxes overlaps the single ground-truth box by at least 0.5. The reference measures the
-overlap with **GIoU** (a quirk, the default here); ``use_giou=False`` gives the usual IoU.
+overlap with **GIoU** (a quirk, ``iou_type="giou"``, the default); ``iou_type="iou"`` gives the usual IoU, which
+is never lower, so its precision is never lower either.
+
+Counts (``hits``, ``count``) are kept rather than rates: in distributed runs every rank updates with its own
+samples and ``synchronize()`` sums the counts over ranks once, before ``summarize()``.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from mdetr import distributed as dist_utils
 from mdetr.boxes import elementwise_box_iou, elementwise_generalized_box_iou
+
+OVERLAPS = {"giou": elementwise_generalized_box_iou, "iou": elementwise_box_iou}
 
 
 class RefExpEvaluator:
-    def __init__(self, ks: Sequence[int] = (1, 5, 10), threshold: float = 0.5, use_giou: bool = True):
+    """precision@k for k in ``ks``; ``iou_type`` "giou" (the reference) or "iou". ``use_giou`` is the older
+    spelling of the same choice (True = "giou") and wins when given."""
+
+    def __init__(self, ks: Sequence[int] = (1, 5, 10), threshold: float = 0.5, iou_type: str = "giou",
+                 use_giou: Optional[bool] = None):
+        if use_giou is not None:
+            iou_type = "giou" if use_giou else "iou"
+        if iou_type not in OVERLAPS:
+            raise ValueError(f"iou_type must be one of {sorted(OVERLAPS)}, got {iou_type!r}")
         self.ks = tuple(ks)
         self.threshold = threshold
-        self.use_giou = use_giou
+        self.iou_type = iou_type
         self.hits = torch.zeros(len(self.ks), dtype=torch.long)
         self.count = 0
+
+    @property
+    def use_giou(self) -> bool:
+        return self.iou_type == "giou"
 
     def update(self, pred_boxes: Tensor, scores: Tensor, gt_boxes: Tensor) -> None:
         """pred_boxes [B, Q, 4] xyxy, scores [B, Q], gt_boxes [B, 4] xyxy (same coordinate frame as the preds)."""
@@ -30,12 +49,16 @@ class RefExpEvaluator:
         kmax = min(max(self.ks), pred_boxes.shape[1])
         order = scores.topk(kmax, dim=1).indices  # [B, kmax]
         top = torch.gather(pred_boxes, 1, order.unsqueeze(-1).expand(-1, -1, 4)).float()
-        overlap_fn = elementwise_generalized_box_iou if self.use_giou else elementwise_box_iou
-        overlap = overlap_fn(top, gt_boxes.float()[:, None, :])  # [B, kmax]
+        overlap = OVERLAPS[self.iou_type](top, gt_boxes.float()[:, None, :])  # [B, kmax]
         hit = overlap >= self.threshold
         for i, k in enumerate(self.ks):
             self.hits[i] += hit[:, : min(k, kmax)].any(1).sum().cpu()
         self.count += pred_boxes.shape[0]
+
+    def synchronize(self) -> None:
+        """Sum the counts over ranks (a no-op in one process). Call once, on every rank, after the last update."""
+        total = dist_utils.all_reduce_sum(torch.cat([self.hits, torch.tensor([self.count])]))
+        self.hits, self.count = total[:-1].clone(), int(total[-1])
 
     def summarize(self) -> Dict[str, float]:
         return {f"precision@{k}": (self.hits[i].item() / max(self.count, 1)) for i, k in enumerate(self.ks)}

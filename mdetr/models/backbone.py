@@ -119,10 +119,12 @@ class Backbone(nn.Module):
         freeze: "reference": a pretrained ResNet trains only layer2-4 (others train everything); "none": all
             parameters train; "all": none do.
         frozen_bn_eps: eps of the frozen norms; None keeps each layer's own.
+        load_weights: with ``pretrained``, False builds the same modules (frozen norms, freeze policy) without
+            reading the ImageNet weights: for a checkpoint that holds the backbone's values.
     """
 
     def __init__(self, name: str, pretrained: bool = True, stride: int = 32, freeze: str = "reference",
-                 frozen_bn_eps: Optional[float] = 1e-5):
+                 frozen_bn_eps: Optional[float] = 1e-5, load_weights: bool = True):
         super().__init__()
         if freeze not in FREEZE_POLICIES:
             raise ValueError(f"freeze must be one of {FREEZE_POLICIES}, got {freeze!r}")
@@ -132,7 +134,8 @@ class Backbone(nn.Module):
                              f"(its strides: {timm.create_model(name, features_only=True).feature_info.reduction()})")
         _drop_unused_blocks(body)
         if pretrained:
-            _load_pretrained(body, name)
+            if load_weights:
+                _load_pretrained(body, name)
             freeze_batch_norm(body, frozen_bn_eps)
         self.body = body
         self.num_channels: int = body.feature_info.channels()[-1]
@@ -191,9 +194,9 @@ class Joiner(nn.Sequential):
 
 def build_backbone(name: str = "tf_efficientnet_lite0", pretrained: bool = True, stride: int = 32,
                    freeze: str = "reference", num_pos_feats: int = 128,
-                   frozen_bn_eps: Optional[float] = 1e-5) -> Joiner:
+                   frozen_bn_eps: Optional[float] = 1e-5, load_weights: bool = True) -> Joiner:
     """The reference's ``backbone`` module: timm features + sine position encoding (``num_pos_feats`` per axis)."""
-    return Joiner(Backbone(name, pretrained, stride, freeze, frozen_bn_eps),
+    return Joiner(Backbone(name, pretrained, stride, freeze, frozen_bn_eps, load_weights),
                   PositionEmbeddingSine(num_pos_feats, normalize=True))
 
 

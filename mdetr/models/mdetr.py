@@ -3,10 +3,11 @@
 Outputs (B images, Q object queries, L text tokens, N decoder layers):
     pred_logits [B, Q, 256]   soft-token logits: 255 token positions + no-object (index 255)
     pred_boxes  [B, Q, 4]     (cx, cy, w, h) in [0, 1], relative to each image's unpadded size
-    proj_queries [B, Q, 64]   L2-normalized projection of the decoder outputs
-    proj_tokens [B, L, 64]    L2-normalized projection of the ENCODER outputs at text positions (padding included)
+    proj_queries [B, Q, 64]   L2-normalized projection of the decoder outputs (absent when contrastive_align_dim=0)
+    proj_tokens [B, L, 64]    L2-normalized projection of the ENCODER outputs at text positions (padding included;
+                              absent when contrastive_align_dim=0)
     tokenized                 the captions' BatchEncoding
-    aux_outputs               N - 1 dicts (layers 0 .. N-2) with the four tensors above
+    aux_outputs               N - 1 dicts (layers 0 .. N-2) with the (two or) four tensors above
     QA (clevr): pred_answer_type [B, 3], pred_answer_binary [B], pred_answer_reg [B, 20], pred_answer_attr [B, A]
     QA (gqa): pred_answer_type [B, 5], pred_answer_obj [B, 3], pred_answer_rel [B, 1594], pred_answer_attr
         [B, 403], pred_answer_cat [B, 678], pred_answer_global [B, 111]
@@ -18,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import PretrainedConfig
 
 from .backbone import Joiner, build_backbone
 from .transformer import Transformer
@@ -52,16 +54,25 @@ class MDETR(nn.Module):
         transformer: text encoder, cross encoder and decoder.
         num_queries: object queries.
         num_classes: token slots of the class head (255; one more column for no-object).
-        contrastive_align_dim: size of the contrastive alignment projections.
+        contrastive_align_dim: size of the contrastive alignment projections; 0 = none (the reference's GQA models,
+            trained with --no_contrastive_align_loss).
         qa_dataset: None, "clevr" or "gqa": adds one learned query per QA head after the object queries.
         clevr_attr_classes: size of the CLEVR attribute answer vocabulary (15 in CLEVR).
         predict_final: CLEVR-Ref+ "is this box the referred set" head (``isfinal_embed``, ``pred_isfinal``).
+        query_grid: 0 = the reference's learned object queries. G > 0 = anchor queries (not in MDETR; Anchor-DETR /
+            two-stage Deformable DETR style): one query per cell centre of a G x G grid over each image's valid
+            region, starting from the encoder memory and the position encoding sampled there, and predicting its
+            box relative to that cell (``num_queries`` must be G * G). DETR's learned queries take tens of
+            epochs to leave the "same boxes for every image" plateau; anchored queries start localized.
     """
 
     def __init__(self, backbone: Joiner, transformer: Transformer, num_queries: int = 100, num_classes: int = 255,
                  contrastive_align_dim: int = 64, qa_dataset: Optional[str] = None, clevr_attr_classes: int = 15,
-                 predict_final: bool = False):
+                 predict_final: bool = False, query_grid: int = 0):
         super().__init__()
+        if query_grid < 0 or (query_grid and num_queries != query_grid ** 2):
+            raise ValueError(f"query_grid must be 0 or G > 0 with num_queries == G * G, got query_grid={query_grid}, "
+                             f"num_queries={num_queries}")
         if qa_dataset not in (None, *QA_HEADS):
             raise ValueError(f"qa_dataset must be None or one of {sorted(QA_HEADS)}, got {qa_dataset!r}")
         d_model = transformer.d_model
@@ -70,7 +81,8 @@ class MDETR(nn.Module):
         self.class_embed = nn.Linear(d_model, num_classes + 1)
         self.isfinal_embed = nn.Linear(d_model, 1) if predict_final else None
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
-        self.query_embed = nn.Embedding(num_queries, d_model)
+        self.query_grid = query_grid
+        self.query_embed = None if query_grid else nn.Embedding(num_queries, d_model)
         self.qa_dataset = qa_dataset
         self.qa_heads = [] if qa_dataset is None else [
             (name, clevr_attr_classes if (qa_dataset, name) == ("clevr", "attr") else size, mlp)
@@ -80,8 +92,10 @@ class MDETR(nn.Module):
             self.qa_embed = nn.Embedding(len(self.qa_heads), d_model)
         self.input_proj = nn.Conv2d(backbone.num_channels, d_model, kernel_size=1)
         self.backbone = backbone
-        self.contrastive_align_projection_image = nn.Linear(d_model, contrastive_align_dim)
-        self.contrastive_align_projection_text = nn.Linear(d_model, contrastive_align_dim)
+        if contrastive_align_dim:
+            self.contrastive_align_projection_image = nn.Linear(d_model, contrastive_align_dim)
+            self.contrastive_align_projection_text = nn.Linear(d_model, contrastive_align_dim)
+        self.contrastive_align_dim = contrastive_align_dim
         for name, size, mlp in self.qa_heads:  # answer_<name>_head
             head = MLP(d_model, d_model, size, 3) if mlp else nn.Linear(d_model, size)
             self.add_module(f"answer_{name}_head", head)
@@ -89,11 +103,53 @@ class MDETR(nn.Module):
     def encode(self, images: Tensor, mask: Tensor, captions: Sequence[str]) -> Dict[str, Any]:
         """images [B, 3, H, W], mask [B, H, W] (True = pad), captions: B strings -> memory cache (see
         ``Transformer``)."""
-        features, feature_mask, pos = self.backbone(images, mask)
-        query_embed = self.query_embed.weight
+        return self.encode_features(*self.backbone(images, mask), captions)
+
+    def encode_features(self, features: Tensor, feature_mask: Tensor, pos: Tensor,
+                        captions: Sequence[str]) -> Dict[str, Any]:
+        """``encode`` after the backbone, from its outputs ``self.backbone(images, mask)``: features [B, C, h, w],
+        feature_mask [B, h, w] (True = pad), pos [B, d, h, w], and B captions -> memory cache.
+
+        The cross encoder needs image and text jointly, the backbone only the image: several captions of one
+        image share one backbone pass by expanding its B = 1 outputs to the number of captions."""
+        learned = [] if self.query_embed is None else [self.query_embed.weight]
         if self.qa_heads:
-            query_embed = torch.cat([query_embed, self.qa_embed.weight], 0)
-        return self.transformer.encode(self.input_proj(features), feature_mask, pos, query_embed, captions)
+            learned.append(self.qa_embed.weight)
+        query_embed = torch.cat(learned, 0) if learned else pos.new_zeros(0, pos.shape[1])
+        cache = self.transformer.encode(self.input_proj(features), feature_mask, pos, query_embed, captions)
+        if self.query_grid:
+            self._add_anchor_queries(cache, feature_mask, pos)
+        return cache
+
+    def _add_anchor_queries(self, cache: Dict[str, Any], feature_mask: Tensor, pos: Tensor) -> None:
+        """Prepend the G * G anchor queries to the cache's queries (QA slots stay last): ``query_embed`` gets the
+        position encoding at each cell centre, ``query_content`` (the decoder's starting ``tgt``; zeros for QA
+        slots) the encoder memory there, and ``reference_boxes`` [B, G * G, 4] the cells as cxcywh boxes.
+
+        feature_mask [B, h, w] (True = pad, padding bottom/right), pos [B, d, h, w]; the memory's first h * w
+        positions are the image tokens, row-major."""
+        batch, d_model, h, w = pos.shape
+        grid = self.query_grid
+        centres = (torch.arange(grid, device=pos.device, dtype=pos.dtype) + 0.5) / grid
+        cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+        points = torch.stack([cx.flatten(), cy.flatten()], -1)  # [G*G, 2] (x, y) in the valid region
+        valid = torch.stack([(~feature_mask[:, 0, :]).sum(1), (~feature_mask[:, :, 0]).sum(1)], -1).to(pos.dtype)
+        # in feature cells, clamped between the centres of the first and last valid cells, so that the bilinear
+        # sampling never reads padding (the same numbers as for the image alone, unpadded)
+        cells = torch.minimum((points[None] * valid[:, None]).clamp(min=0.5), valid[:, None] - 0.5)  # [B, G*G, 2]
+        sample_at = cells / pos.new_tensor([w, h]) * 2 - 1  # grid_sample's [-1, 1] (align_corners=False)
+        memory = cache["img_memory"][: h * w].permute(1, 2, 0).reshape(batch, d_model, h, w)
+
+        def sample(feature_map: Tensor) -> Tensor:  # [B, d, h, w] -> [G*G, B, d]
+            values = F.grid_sample(feature_map, sample_at[:, :, None], align_corners=False)  # [B, d, G*G, 1]
+            return values[..., 0].permute(2, 0, 1)
+
+        anchor_pos = sample(pos.to(memory.dtype))
+        queries = cache["query_embed"]  # [num QA slots, B, d]
+        cache["query_embed"] = torch.cat([anchor_pos, queries], 0)
+        cache["query_content"] = torch.cat([sample(memory), torch.zeros_like(queries)], 0)
+        sizes = points.new_full((grid * grid, 2), 1.0 / grid)
+        cache["reference_boxes"] = torch.cat([points, sizes], -1).expand(batch, -1, -1)
 
     def decode(self, memory_cache: Dict[str, Any]) -> Dict[str, Any]:
         """memory cache -> the outputs dict (module docstring)."""
@@ -107,17 +163,21 @@ class MDETR(nn.Module):
                 logits = getattr(self, f"answer_{name}_head")(answer_embeds[:, slot])
                 out[f"pred_answer_{name}"] = logits.squeeze(-1) if name == "binary" else logits
         outputs_class = self.class_embed(hs)
-        outputs_coord = self.bbox_embed(hs).sigmoid()
-        proj_queries = F.normalize(self.contrastive_align_projection_image(hs), p=2, dim=-1)
-        proj_tokens = F.normalize(self.contrastive_align_projection_text(memory_cache["text_memory"]).transpose(0, 1),
-                                  p=2, dim=-1)  # [L, B, d] -> [B, L, D]
+        box_offsets = self.bbox_embed(hs)
+        if "reference_boxes" in memory_cache:  # anchor queries: offsets in logit space from each cell
+            box_offsets = box_offsets + torch.logit(memory_cache["reference_boxes"], eps=1e-5).to(box_offsets.dtype)
+        outputs_coord = box_offsets.sigmoid()
         tokenized = memory_cache["tokenized"]
-        out.update(pred_logits=outputs_class[-1], pred_boxes=outputs_coord[-1], proj_queries=proj_queries[-1],
-                   proj_tokens=proj_tokens, tokenized=tokenized)
-        out["aux_outputs"] = [
-            {"pred_logits": c, "pred_boxes": b, "proj_queries": q, "proj_tokens": proj_tokens, "tokenized": tokenized}
-            for c, b, q in zip(outputs_class[:-1], outputs_coord[:-1], proj_queries[:-1])
-        ]
+        out.update(pred_logits=outputs_class[-1], pred_boxes=outputs_coord[-1], tokenized=tokenized)
+        out["aux_outputs"] = [{"pred_logits": c, "pred_boxes": b, "tokenized": tokenized}
+                              for c, b in zip(outputs_class[:-1], outputs_coord[:-1])]
+        if self.contrastive_align_dim:
+            proj_queries = F.normalize(self.contrastive_align_projection_image(hs), p=2, dim=-1)
+            proj_tokens = F.normalize(self.contrastive_align_projection_text(memory_cache["text_memory"])
+                                      .transpose(0, 1), p=2, dim=-1)  # [L, B, d] -> [B, L, D]
+            out.update(proj_queries=proj_queries[-1], proj_tokens=proj_tokens)
+            for aux, queries in zip(out["aux_outputs"], proj_queries[:-1]):
+                aux.update(proj_queries=queries, proj_tokens=proj_tokens)
         if self.isfinal_embed is not None:
             outputs_isfinal = self.isfinal_embed(hs)
             out["pred_isfinal"] = outputs_isfinal[-1]
@@ -135,19 +195,26 @@ def build_mdetr(backbone: str = "tf_efficientnet_lite0", pretrained_backbone: bo
                 freeze_text_encoder: bool = False, d_model: int = 256, nheads: int = 8, enc_layers: int = 6,
                 dec_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1, num_queries: int = 100,
                 contrastive_align_dim: int = 64, qa_dataset: Optional[str] = None, clevr_attr_classes: int = 15,
-                predict_final: bool = False, attention_backend: str = "reference") -> MDETR:
+                predict_final: bool = False, query_grid: int = 0, attention_backend: str = "reference",
+                load_backbone_weights: bool = True, text_encoder_config: Optional[PretrainedConfig] = None) -> MDETR:
     """MDETR with explicit settings (defaults: the paper's sizes on the embedded lite0 + MiniLM encoders).
 
     ``train_backbone=False`` freezes the whole backbone (same as ``backbone_freeze="all"``); ``backbone_freeze``
     "reference" trains only layer2-4 of a pretrained ResNet and everything of other backbones (batch norms are
     frozen whenever the backbone is pretrained). ``frozen_bn_eps`` None keeps each norm's own eps (the reference
-    uses 1e-5 everywhere, also for EfficientNets trained with 1e-3)."""
+    uses 1e-5 everywhere, also for EfficientNets trained with 1e-3).
+
+    For a model whose every value comes from a checkpoint (``mdetr.hub``): ``load_backbone_weights=False`` builds a
+    pretrained backbone's modules without reading its ImageNet weights, and ``text_encoder_config`` builds the text
+    encoder from that configuration without weights (``text_encoder`` then only names the tokenizer)."""
     joiner = build_backbone(backbone, pretrained_backbone, backbone_stride,
-                            backbone_freeze if train_backbone else "all", d_model // 2, frozen_bn_eps)
+                            backbone_freeze if train_backbone else "all", d_model // 2, frozen_bn_eps,
+                            load_backbone_weights)
     transformer = Transformer(text_encoder, freeze_text_encoder, d_model, nheads, enc_layers, dec_layers,
-                              dim_feedforward, dropout, attention_backend)
+                              dim_feedforward, dropout, attention_backend, text_encoder_config)
     return MDETR(joiner, transformer, num_queries, contrastive_align_dim=contrastive_align_dim,
-                 qa_dataset=qa_dataset, clevr_attr_classes=clevr_attr_classes, predict_final=predict_final)
+                 qa_dataset=qa_dataset, clevr_attr_classes=clevr_attr_classes, predict_final=predict_final,
+                 query_grid=query_grid)
 
 
 def param_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:

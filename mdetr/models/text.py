@@ -6,11 +6,11 @@ of the class head (255: index 255 is "no object") or the encoder's positions is 
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModel, BatchEncoding, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import AutoModel, BatchEncoding, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from mdetr.pretrained import load_tokenizer, text_encoder_path
 
@@ -31,13 +31,24 @@ class FeatureResizer(nn.Module):
         return self.dropout(self.layer_norm(self.fc(features)))
 
 
-def load_text_encoder(name: str, freeze: bool = False) -> Tuple[PreTrainedTokenizerFast, PreTrainedModel]:
+def load_text_encoder(name: str, freeze: bool = False, config: Optional[PretrainedConfig] = None
+                      ) -> Tuple[PreTrainedTokenizerFast, PreTrainedModel]:
     """Fast tokenizer and encoder of ``name`` (resolved by ``mdetr.pretrained.text_encoder_path``, offline).
+
+    ``config``: build the encoder from this configuration with random weights instead of loading ``name``'s
+    weights (``name`` then only names the tokenizer): for a checkpoint that holds the encoder's values, e.g. a
+    released MDETR file, whose encoder's sizes are read from its tensors.
 
     The pooler, when the model has one, is unused by MDETR: its parameters are frozen so that no optimizer or
     DistributedDataParallel waits for gradients that never come (the reference leaves them untouched too)."""
     tokenizer = load_tokenizer(name)
-    encoder = AutoModel.from_pretrained(text_encoder_path(name))
+    if config is None:
+        encoder = AutoModel.from_pretrained(text_encoder_path(name), local_files_only=True)
+    elif len(tokenizer) > config.vocab_size:
+        raise ValueError(f"tokenizer {name!r} has {len(tokenizer)} tokens but the text encoder's configuration only "
+                         f"{config.vocab_size} token embeddings: it is not this encoder's tokenizer")
+    else:
+        encoder = AutoModel.from_config(config)
     for param_name, param in encoder.named_parameters():
         if freeze or param_name.startswith("pooler."):
             param.requires_grad_(False)

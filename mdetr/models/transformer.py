@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import PretrainedConfig
 
 from .text import FeatureResizer, load_text_encoder, max_caption_tokens, tokenize_captions
 
@@ -124,11 +125,15 @@ class Transformer(nn.Module):
         mask [B, HW + L] (True = pad), text_attention_mask [B, L] (True = pad), pos_embed [HW + L, B, d]
         (zeros on text), query_embed [Q, B, d], tokenized (the BatchEncoding).
     ``decode(memory_cache)`` -> hs [num_layers, B, Q, d].
+
+    ``text_encoder_config``: build the text encoder from this configuration with random weights (``text_encoder``
+    then only names the tokenizer; see ``load_text_encoder``).
     """
 
     def __init__(self, text_encoder: str = "all-MiniLM-L6-v2", freeze_text_encoder: bool = False,
                  d_model: int = 256, nheads: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
-                 dim_feedforward: int = 2048, dropout: float = 0.1, attention_backend: str = "reference"):
+                 dim_feedforward: int = 2048, dropout: float = 0.1, attention_backend: str = "reference",
+                 text_encoder_config: Optional[PretrainedConfig] = None):
         super().__init__()
         if d_model % nheads:
             raise ValueError(f"d_model ({d_model}) must be divisible by nheads ({nheads})")
@@ -139,11 +144,19 @@ class Transformer(nn.Module):
         for param in self.parameters():  # the reference's init, before the text modules exist
             if param.dim() > 1:
                 nn.init.xavier_uniform_(param)
-        self.tokenizer, self.text_encoder = load_text_encoder(text_encoder, freeze_text_encoder)
+        self.tokenizer, self.text_encoder = load_text_encoder(text_encoder, freeze_text_encoder, text_encoder_config)
+        self.freeze_text_encoder = freeze_text_encoder
         self.max_caption_tokens = max_caption_tokens(self.tokenizer, self.text_encoder)
         self.resizer = FeatureResizer(self.text_encoder.config.hidden_size, d_model, dropout=0.1)
         self.d_model = d_model
         self.nhead = nheads
+
+    def train(self, mode: bool = True) -> "Transformer":
+        """A frozen text encoder stays in eval mode (no dropout): it is a fixed feature extractor."""
+        super().train(mode)
+        if self.freeze_text_encoder:
+            self.text_encoder.eval()
+        return self
 
     def encode(self, src: Tensor, mask: Tensor, pos_embed: Tensor, query_embed: Tensor,
                captions: Sequence[str]) -> Dict[str, Any]:
@@ -157,7 +170,8 @@ class Transformer(nn.Module):
         mask = mask.flatten(1)  # [B, hw]
 
         tokenized = tokenize_captions(self.tokenizer, captions, self.max_caption_tokens, src.device)
-        text_features = self.text_encoder(**tokenized).last_hidden_state.transpose(0, 1)  # [L, B, hidden]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_text_encoder):
+            text_features = self.text_encoder(**tokenized).last_hidden_state.transpose(0, 1)  # [L, B, hidden]
         text_attention_mask = tokenized["attention_mask"].ne(1)  # HF: 1 = token; here True = pad
         text_memory_resized = self.resizer(text_features)  # [L, B, d]
 
@@ -179,7 +193,8 @@ class Transformer(nn.Module):
     def decode(self, memory_cache: Dict[str, Any]) -> Tensor:
         """memory cache -> hs [num_layers, B, Q, d] (every layer, after the shared final norm)."""
         query_embed = memory_cache["query_embed"]
-        hs = self.decoder(torch.zeros_like(query_embed), memory_cache["img_memory"],
+        tgt = memory_cache.get("query_content")  # anchor queries start from content; learned ones from zeros
+        hs = self.decoder(torch.zeros_like(query_embed) if tgt is None else tgt, memory_cache["img_memory"],
                           memory_key_padding_mask=memory_cache["mask"], pos=memory_cache["pos_embed"],
                           query_pos=query_embed)
         return hs.transpose(1, 2)

@@ -10,7 +10,7 @@ import random
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -109,6 +109,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", weights: st
     return model.to(device).eval(), cfg
 
 
+def state_dict_differences(model, state: Dict[str, Any]) -> Tuple[List[str], List[str], Dict[str, Tuple]]:
+    """How ``state`` fits ``model``: (keys the model lacks, keys ``state`` lacks, {key: (shape in state, shape in
+    model)} for shared keys whose shapes differ), each sorted by key."""
+    expected = model.state_dict()
+    unexpected, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
+    mismatched = {key: (tuple(state[key].shape), tuple(expected[key].shape))
+                  for key in sorted(set(state) & set(expected)) if state[key].shape != expected[key].shape}
+    return unexpected, missing, mismatched
+
+
 def load_weights(model, path: str | Path, verbose: bool = True) -> None:
     """Fine-tuning start: copy a training checkpoint's weights (its EMA when it has one) into ``model``.
 
@@ -122,14 +132,11 @@ def load_weights(model, path: str | Path, verbose: bool = True) -> None:
     if not isinstance(saved, dict) or "model" not in saved:
         raise ValueError(f"train.load: {str(path)!r} is not a training checkpoint of mdetr.train (no 'model' entry)")
     state = saved["ema"] if saved.get("ema") else saved["model"]
-    own = model.state_dict()
-    unexpected = sorted(k for k in state if k not in own)
-    mismatched = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                        for k in state if k in own and state[k].shape != own[k].shape)
+    unexpected, missing, mismatched = state_dict_differences(model, state)
     if unexpected or mismatched:
+        shapes = [f"{key} {ours} vs {theirs}" for key, (ours, theirs) in mismatched.items()]
         raise ValueError(f"train.load: {str(path)!r} does not fit this model: tensors it lacks {unexpected[:8]}, "
-                         f"shapes that differ (checkpoint vs model) {mismatched[:8]}")
-    missing = sorted(k for k in own if k not in state)
+                         f"shapes that differ (checkpoint vs model) {shapes[:8]}")
     model.load_state_dict(state, strict=False)
     if verbose:
         print(f"loaded {len(state)} tensors from {path}" + (f"; newly initialized: {missing}" if missing else ""))

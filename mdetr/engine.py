@@ -19,7 +19,6 @@ from mdetr.boxes import box_cxcywh_to_xyxy
 from mdetr.config import OptimConfig
 from mdetr.evaluation.qa import QAEvaluator
 from mdetr.evaluation.refexp import RefExpEvaluator
-from mdetr.losses.qa import qa_correct
 from mdetr.models import param_groups
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -186,7 +185,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, precision
     answer accuracy overall and per answer type."""
     model.eval()
     refexp = RefExpEvaluator()
-    qa_right: Dict[str, List[Tensor]] = {"answer": [], "type": [], "answer_type": []}
+    qa = QAEvaluator(qa_dataset) if qa_dataset is not None else None
     for batch in loader:
         batch = to_device(batch, device)
         with autocast(device, precision):
@@ -199,23 +198,16 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, precision
             gt = box_cxcywh_to_xyxy(batch["boxes"][:, 0].float())
             # normalized coordinates: IoU and GIoU are invariant to per-axis scaling, so no resize to pixels
             refexp.update(pred[has_box], scores[has_box], gt[has_box])
-        if qa_dataset is not None and "answers" in batch:
-            right = qa_correct(outputs, batch["answers"], qa_dataset)
-            qa_right["answer"].append(right["answer"].cpu())
-            qa_right["type"].append(right["type"].cpu())
-            qa_right["answer_type"].append(batch["answers"]["answer_type"].cpu())
-    return _metrics_from_counts(refexp, qa_right, qa_dataset)
+        if qa is not None and "answers" in batch:
+            qa.update(outputs, batch["answers"])
+    return _metrics_from_counts(refexp, qa)
 
 
-def _metrics_from_counts(refexp: RefExpEvaluator, qa_right: Dict[str, List[Tensor]],
-                         qa_dataset: Optional[str]) -> Dict[str, float]:
+def _metrics_from_counts(refexp: RefExpEvaluator, qa: Optional[QAEvaluator]) -> Dict[str, float]:
     """Sum raw counts over ranks (every rank takes part, with or without samples), then turn them into rates."""
     refexp.synchronize()
     metrics = refexp.summarize() if refexp.count > 0 else {}
-    if qa_dataset is not None:
-        qa = QAEvaluator(qa_dataset)
-        for answer, type_right, answer_type in zip(qa_right["answer"], qa_right["type"], qa_right["answer_type"]):
-            qa.update_correct(answer, type_right, answer_type)
+    if qa is not None:
         qa.synchronize()
         metrics.update(qa.summarize())
     return metrics

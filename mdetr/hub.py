@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from mdetr import config as config_mod
+from mdetr.checkpoint import state_dict_differences
 from mdetr.config import ModelConfig
 
 RELEASE_URL = "https://zenodo.org/record/4721981/files/"
@@ -330,10 +331,7 @@ def _available_tokenizer(name: str, text_encoder: str, label: str) -> str:
 def load_exactly(model: torch.nn.Module, state: Mapping[str, Tensor], label: str = "the state dict") -> None:
     """``model.load_state_dict(state)`` once every key of each is in the other with the same shape; otherwise
     CheckpointMismatchError listing every difference (not just the first)."""
-    expected = model.state_dict()
-    mismatched = {key: (tuple(state[key].shape), tuple(expected[key].shape))
-                  for key in sorted(set(state) & set(expected)) if state[key].shape != expected[key].shape}
-    unexpected, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
+    unexpected, missing, mismatched = state_dict_differences(model, state)
     if unexpected or missing or mismatched:
         raise CheckpointMismatchError(label, unexpected, missing, mismatched)
     model.load_state_dict(state)

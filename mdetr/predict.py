@@ -39,6 +39,7 @@ from transformers import BatchEncoding
 
 from mdetr.checkpoint import load_model
 from mdetr.data import build_dataset, make_transforms
+from mdetr.data.annotations import read_rgb_image
 from mdetr.data.transforms import Compose
 from mdetr.evaluation.qa import ANSWER_TYPES
 from mdetr.losses.qa import HEADS
@@ -65,11 +66,7 @@ def load_image(image: ImageInput) -> Image.Image:
     path = Path(image)
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
-    except (OSError, SyntaxError) as err:  # not an image, or truncated
-        raise ValueError(f"image {str(path)!r} cannot be read as an image: {err}") from err
+    return read_rgb_image(path)
 
 
 def check_captions(captions: Union[str, Sequence[str]]) -> List[str]:

@@ -128,13 +128,14 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
 def test_validation_metrics_come_from_counts():
     from mdetr.engine import _metrics_from_counts
+    from mdetr.evaluation.qa import QAEvaluator
     from mdetr.evaluation.refexp import RefExpEvaluator
 
-    qa = {"answer": [torch.tensor([True, False, True])], "type": [torch.tensor([True, True, False])],
-          "answer_type": [torch.tensor([0, 0, 2])]}
-    metrics = _metrics_from_counts(RefExpEvaluator(), qa, "clevr")
+    qa = QAEvaluator("clevr")
+    qa.update_correct(torch.tensor([True, False, True]), torch.tensor([True, True, False]), torch.tensor([0, 0, 2]))
+    metrics = _metrics_from_counts(RefExpEvaluator(), qa)
     assert metrics == pytest.approx({"qa_accuracy": 2 / 3, "qa_type_accuracy": 2 / 3, "qa_accuracy_type0": 0.5,
                                      "qa_accuracy_type2": 1.0})
     refexp = RefExpEvaluator(ks=(1,))
     refexp.update(torch.tensor([[[0.0, 0, 1, 1]], [[2.0, 2, 3, 3]]]), torch.ones(2, 1), torch.tensor([[0.0, 0, 1, 1]] * 2))
-    assert _metrics_from_counts(refexp, {"answer": [], "type": [], "answer_type": []}, None) == {"precision@1": 0.5}
+    assert _metrics_from_counts(refexp, None) == {"precision@1": 0.5}

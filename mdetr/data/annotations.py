@@ -83,6 +83,16 @@ def phrase_box_map(phrase_spans: Sequence[Sequence[Sequence[int]]], box_spans: S
     return out
 
 
+def read_rgb_image(path: Union[str, Path]) -> Image.Image:
+    """The image file at ``path`` as RGB; ValueError naming the file when it is missing, truncated or not an
+    image."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read image file {str(path)!r}: {err}") from err
+
+
 class ModulatedDetection(Dataset):
     """One sample per image entry (image, caption) of an MDETR annotation file. See the module docstring."""
 
@@ -161,12 +171,10 @@ class ModulatedDetection(Dataset):
         return f"entry id {entry.get('id')} (file {entry.get('file_name')!r}, caption {entry.get('caption')!r})"
 
     def _load_image(self, entry: dict) -> Image.Image:
-        path = self.image_dir / entry["file_name"]
         try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except (OSError, SyntaxError) as err:  # missing, truncated or not an image
-            raise ValueError(f"{self._where(entry)}: cannot read image file {str(path)!r}: {err}") from err
+            return read_rgb_image(self.image_dir / entry["file_name"])
+        except ValueError as err:
+            raise ValueError(f"{self._where(entry)}: {err}") from err
 
     def __getitem__(self, index: int):
         entry = self.entries[index]

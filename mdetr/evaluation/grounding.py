@@ -66,9 +66,8 @@ class PhraseGroundingEvaluator:
         iou_any = box_iou(top.reshape(-1, 4), gt).view(*top.shape[:2], -1)  # [P', kmax, T]
         hit_any = ((iou_any >= self.threshold) & membership[:, None, :]).any(-1)  # [P', kmax]
         hit_merged = elementwise_box_iou(top, merge_boxes(gt, membership)[:, None, :]) >= self.threshold
-        for row, hit in enumerate((hit_any, hit_merged)):
-            for i, k in enumerate(self.ks):
-                self.hits[row, i] += int(hit[:, : min(k, kmax)].any(1).sum())
+        hits = [hit[:, : min(k, kmax)].any(1).sum() for hit in (hit_any, hit_merged) for k in self.ks]
+        self.hits += torch.stack(hits).view_as(self.hits).cpu()  # one host copy per sentence
         self.count += len(top)
 
     def synchronize(self) -> None:

@@ -51,8 +51,7 @@ class RefExpEvaluator:
         top = torch.gather(pred_boxes, 1, order.unsqueeze(-1).expand(-1, -1, 4)).float()
         overlap = OVERLAPS[self.iou_type](top, gt_boxes.float()[:, None, :])  # [B, kmax]
         hit = overlap >= self.threshold
-        for i, k in enumerate(self.ks):
-            self.hits[i] += hit[:, : min(k, kmax)].any(1).sum().cpu()
+        self.hits += torch.stack([hit[:, : min(k, kmax)].any(1).sum() for k in self.ks]).cpu()  # one host copy
         self.count += pred_boxes.shape[0]
 
     def synchronize(self) -> None:

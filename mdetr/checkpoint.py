@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -51,15 +52,43 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def save_checkpoint(output_dir: str | Path, state: Dict[str, Any], epoch: int, keep_epochs: bool = True) -> Path:
-    """Write ``checkpoint.pth`` (and ``checkpoint_epochNNNN.pth`` when ``keep_epochs``)."""
+def save_checkpoint(output_dir: str | Path, state: Dict[str, Any], epoch: int, keep: int = 0) -> Path:
+    """Write ``checkpoint.pth`` and ``checkpoint_epochNNNN.pth``, both atomically; ``keep > 0`` then deletes all but
+    the ``keep`` newest epoch files (0 keeps every one). The epoch file is a hard link to (or, where the file system
+    has none, a copy of) the freshly written latest file, not a second serialization."""
+    if keep < 0:
+        raise ValueError(f"keep must be >= 0 (0 = keep every epoch checkpoint), got {keep}")
     output_dir = Path(output_dir)
     latest = output_dir / LATEST
     atomic_save(state, latest)
-    if keep_epochs:
-        epoch_file = output_dir / f"checkpoint_epoch{epoch:04d}.pth"
-        atomic_save(state, epoch_file)
+    epoch_file = output_dir / f"checkpoint_epoch{epoch:04d}.pth"
+    fd, tmp = tempfile.mkstemp(prefix=f".{epoch_file.name}.", suffix=".tmp", dir=output_dir)
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(latest, tmp)
+        except OSError:
+            shutil.copyfile(latest, tmp)
+        os.replace(tmp, epoch_file)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if keep:  # files of later epochs (an older run's, in a reused folder) are neither counted nor deleted
+        earlier = [p for p in epoch_checkpoints(output_dir) if _epoch_of(p) <= epoch]
+        for old in earlier[:-keep]:
+            old.unlink()
     return latest
+
+
+def _epoch_of(path: Path) -> int:
+    return int(re.findall(r"\d+", path.stem)[-1])
+
+
+def epoch_checkpoints(output_dir: str | Path) -> List[Path]:
+    """The ``checkpoint_epochNNNN.pth`` files of ``output_dir``, oldest epoch first."""
+    return sorted(Path(output_dir).glob("checkpoint_epoch*.pth"), key=_epoch_of)
 
 
 def find_resume(resume: str, output_dir: str | Path) -> Optional[Path]:
@@ -70,8 +99,7 @@ def find_resume(resume: str, output_dir: str | Path) -> Optional[Path]:
         latest = Path(output_dir) / LATEST
         if latest.exists():
             return latest
-        epochs = sorted(Path(output_dir).glob("checkpoint_epoch*.pth"),
-                        key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
+        epochs = epoch_checkpoints(output_dir)
         return epochs[-1] if epochs else None
     path = Path(resume)
     if not path.exists():

@@ -155,6 +155,11 @@ def train_one_epoch(model: nn.Module, criterion, loader: Iterable, optimizer: to
             progress.update(1)
         if state.step % log_every == 0:
             record = {k: (v / count).item() for k, v in sums.items()}
+            if not math.isfinite(record["loss"]):  # checked where the loss comes to the host anyway (no extra sync)
+                raise FloatingPointError(
+                    f"non-finite training loss in the {count} steps up to step {state.step} (epoch {state.epoch}): "
+                    + ", ".join(f"{k}={v:.4g}" for k, v in record.items())
+                    + "; nothing was saved after the last checkpoint (lower optim.lr or use --train.precision=fp32)")
             for k, v in record.items():
                 epoch_sums[k] = epoch_sums.get(k, 0.0) + v * count
             epoch_count += count

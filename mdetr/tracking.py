@@ -8,7 +8,13 @@ from typing import Dict, List, Optional
 
 
 class RunLog:
-    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    """``resume_step``: the step of the checkpoint a resumed run starts from. Records a previous process wrote after
+    it (training it did past its last checkpoint, which the resumed run repeats) are dropped from metrics.jsonl and
+    purged from TensorBoard, so each step is logged once. Without it (a fresh run), an existing metrics.jsonl is
+    an earlier run's: it is renamed ``metrics.previous.jsonl`` and the new run's log starts empty."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: Optional[int] = None):
         self.enabled = enabled
         self.dir = Path(output_dir)
         self.path = self.dir / "metrics.jsonl"
@@ -16,10 +22,25 @@ class RunLog:
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            self._drop_after(resume_step)
+        elif self.path.exists():  # a fresh run in a used folder: its log starts empty, the old one is kept aside
+            previous = self.dir / "metrics.previous.jsonl"
+            self.path.replace(previous)
+            print(f"{self.path} held an earlier run's records: moved to {previous.name}")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.dir / "tensorboard"))
+            # purge_step: TensorBoard hides the events at or after it that earlier writers left
+            self.writer = SummaryWriter(str(self.dir / "tensorboard"),
+                                        purge_step=None if resume_step is None else resume_step + 1)
+
+    def _drop_after(self, step: int) -> None:
+        """Keep the records up to ``step`` (a validation record of that step included); rewritten atomically."""
+        kept = [r for r in self.records() if int(r.get("step", 0)) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
 
     def log(self, kind: str, record: Dict[str, float]) -> None:
         """``kind`` is "train" (per logging interval) or "val" (per validation)."""

@@ -113,6 +113,13 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
         seed_everything(cfg.train.seed + rank)  # per-rank streams for dropout and augmentation
     # built after any resume, so it starts from the loaded weights when the checkpoint holds no EMA
     ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema else None
+    if cfg.train.cache_features:  # one cache for the model and its EMA copy: the same frozen backbone
+        cache = model.backbone[0].enable_feature_cache()
+        if ema is not None:
+            ema.module.backbone[0].enable_feature_cache(cache)
+        if main:
+            print("train.cache_features: the frozen backbone runs once per distinct image (train and val), "
+                  "then its features are reused")
     if ema is not None and resume_from is not None and saved.get("ema"):
         ema.load_state_dict(saved["ema"])
 
@@ -126,7 +133,7 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
     total_steps = per_epoch * cfg.optim.epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
-    log = RunLog(out_dir, enabled=main)
+    log = RunLog(out_dir, enabled=main, resume_step=state.step if resume_from is not None else None)
 
     def log_train(record: Dict[str, float]) -> None:
         log.log("train", record)
@@ -174,7 +181,7 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
                 "rng": _gather_rng(world),
                 "config": cfg.to_dict(),
                 "answer_vocab": train_set.answer_vocab,  # QA: what the answer heads' ids mean, for mdetr.predict
-            }, state.epoch)
+            }, state.epoch, keep=cfg.train.keep_checkpoints)
         else:
             _gather_rng(world)
         dist_utils.barrier()
@@ -186,6 +193,8 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
             break
     if progress is not None:
         progress.close()
+    if main and cfg.train.cache_features:
+        print(f"train.cache_features: {len(cache)} images encoded, their features reused {cache.hits} times")
     log.close()
     return {"metrics": metrics, "state": state, "minutes": (time.perf_counter() - start) / 60}
 

@@ -32,6 +32,25 @@ def test_find_resume(tmp_path):
         ckpt.find_resume(str(tmp_path / "missing.pth"), tmp_path)
 
 
+def test_epoch_checkpoints_are_pruned_to_keep(tmp_path):
+    for epoch in range(4):
+        ckpt.save_checkpoint(tmp_path, {"epoch": epoch}, epoch, keep=2)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["checkpoint.pth", "checkpoint_epoch0002.pth", "checkpoint_epoch0003.pth"]  # no temp files
+    assert torch.load(tmp_path / "checkpoint_epoch0002.pth")["epoch"] == 2
+    ckpt.save_checkpoint(tmp_path, {"epoch": 4}, 4)  # keep=0: nothing deleted
+    assert len(ckpt.epoch_checkpoints(tmp_path)) == 3
+    # the epoch file is its own file: replacing checkpoint.pth later leaves it as it was
+    ckpt.atomic_save({"epoch": 99}, tmp_path / "checkpoint.pth")
+    assert torch.load(tmp_path / "checkpoint_epoch0004.pth")["epoch"] == 4
+    # a fresh run in a folder with an older run's later epochs: those are not counted, nor deleted
+    ckpt.save_checkpoint(tmp_path, {"epoch": 0}, 0, keep=1)
+    assert [p.name for p in ckpt.epoch_checkpoints(tmp_path)] == [
+        "checkpoint_epoch0000.pth", "checkpoint_epoch0002.pth", "checkpoint_epoch0003.pth", "checkpoint_epoch0004.pth"]
+    with pytest.raises(ValueError, match="keep must be >= 0"):
+        ckpt.save_checkpoint(tmp_path, {"epoch": 5}, 5, keep=-1)
+
+
 def test_corrupt_checkpoint_is_named(tmp_path):
     bad = tmp_path / "broken.pth"
     bad.write_bytes(b"not a checkpoint")

@@ -34,6 +34,11 @@ def test_overrides_are_typed():
     ("--train.precision=fp64", "train.precision must be one of"),
     ("--train.eval_every=0", "train.eval_every must be >= 1"),
     ("--train.device=cuda:0", "train.device must be one of"),
+    ("--model.token_head=dot", "model.token_head must be one of"),
+    ("--train.keep_checkpoints=-1", "train.keep_checkpoints must be >= 0"),
+    ("--data.augment=true", "train.cache_features needs a frozen backbone that encodes each image alone"),
+    ("--model.train_backbone=true", "train.cache_features needs a frozen backbone"),
+    ("--model.backbone_per_image=false", "model.backbone_per_image=true"),
 ])
 def test_bad_overrides_name_the_key(item, message):
     with pytest.raises(ValueError, match=message):

@@ -360,6 +360,17 @@ def test_build_dataset_from_config(tmp_path, tokenizer):
     assert len(build_dataset(cfg, "val", tokenizer)) == len(val)
 
 
+def test_train_without_augmentation_gets_the_eval_transform(tmp_path, tokenizer):
+    cfg = DataConfig(root=str(tmp_path / "shapes"), num_train=3, num_val=2, num_test=2, seed=1,
+                     transforms="shapes_small", augment=False)
+    train = build_dataset(cfg, "train", tokenizer)
+    np.random.seed(0), random.seed(0), torch.manual_seed(0)
+    first = [train[i][0] for i in range(3)]
+    np.random.seed(1), random.seed(1), torch.manual_seed(1)
+    assert all(torch.equal(a, train[i][0]) for i, a in enumerate(first))  # deterministic
+    assert all(min(image.shape[1:]) == 160 for image in first)  # shapes_small's eval size
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # box ops
 

@@ -411,3 +411,93 @@ def test_anchor_queries_with_qa_slots():
     out["pred_answer_type"].sum().backward()  # QA slots see the anchors through self-attention
     assert model.qa_embed.weight.grad is not None
 
+
+
+# ---- token similarity head (model.token_head="similarity") ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def similarity_model():
+    torch.manual_seed(0)
+    return build_mdetr(**TINY, token_head="similarity", pretrained_backbone=False).eval()
+
+
+def test_similarity_head_logits_are_query_token_dot_products(similarity_model):
+    model = similarity_model
+    images, mask = images_and_mask()
+    with torch.no_grad():
+        cache = model.encode(images, mask, CAPTIONS)
+        out = model.decode(cache)
+        hs = model.transformer.decode(cache)[-1]  # [B, Q, d]
+    head = model.class_embed
+    lengths = (~cache["text_attention_mask"]).sum(1).tolist()
+    assert lengths[0] < lengths[1]  # the first caption is padded
+    text = cache["text_memory"].transpose(0, 1)  # [B, L, d]
+    logits = out["pred_logits"]
+    assert logits.shape == (2, 7, 256)
+    for b, length in enumerate(lengths):
+        expected = head.query(hs[b]) @ head.token(text[b, :length]).T / math.sqrt(TINY["d_model"])
+        assert_close(logits[b, :, :length], expected, atol=1e-4, what=f"caption {b} token logits")
+        assert (logits[b, :, length:255] == head.FILL).all()  # text padding and the slots after the caption
+        assert_close(logits[b, :, 255], head.no_object(hs[b])[:, 0], what="no-object logit")
+    assert "class_embed.weight" not in model.state_dict()  # not the reference's Linear
+
+
+def test_similarity_head_matches_padding_free_outputs_and_trains(similarity_model):
+    images, mask = images_and_mask(batch=1)
+    with torch.no_grad():
+        alone = similarity_model(images, mask, CAPTIONS[:1])
+        padded = similarity_model(images.expand(2, -1, -1, -1), mask.expand(2, -1, -1), CAPTIONS)
+    assert_close(padded["pred_logits"][:1], alone["pred_logits"], atol=1e-4, what="text padding")
+    model = copy.deepcopy(similarity_model).train()
+    out = model(*images_and_mask(), CAPTIONS)
+    out["pred_logits"].log_softmax(-1)[..., :5].sum().backward()
+    for name in ("query", "token", "no_object"):
+        assert getattr(model.class_embed, name).weight.grad.abs().sum() > 0, name
+
+
+def test_token_head_is_checked():
+    with pytest.raises(ValueError, match="token_head must be 'linear' or 'similarity', got 'dot'"):
+        build_mdetr(**TINY, token_head="dot", pretrained_backbone=False)
+
+
+# ---- the frozen-feature cache (train.cache_features) ---------------------------------------------------------
+
+def test_per_image_backbone_is_padding_free_and_its_cache_exact():
+    torch.manual_seed(0)
+    model = build_mdetr(**TINY, backbone_stride=16, pretrained_backbone=False, train_backbone=False,
+                        backbone_per_image=True).eval()
+    images, mask = images_and_mask()
+    backbone = model.backbone[0]
+    with torch.no_grad():
+        features, feature_mask = backbone(images, mask)
+        alone = [backbone.body(images[i:i + 1, :, : 96 - 32 * i, : 128 - 40 * i])[-1][0] for i in range(2)]
+        # the padded image in a batch with a larger one: more padding, the same features
+        big = torch.zeros(2, 3, 160, 192)
+        big_mask = torch.ones(2, 160, 192, dtype=torch.bool)
+        big[0], big_mask[0] = torch.randn(3, 160, 192), False
+        big[1, :, :64, :88], big_mask[1, :64, :88] = images[1, :, :64, :88], False
+        in_big, _ = backbone(big, big_mask)
+        out = model(images, mask, CAPTIONS)
+        cache = backbone.enable_feature_cache()
+        cached, cached_mask = backbone(images, mask)
+        again, _ = backbone(images.flip(0), mask.flip(0))  # the same images in another batch order
+        out_cached = model(images, mask, CAPTIONS)
+    for i in range(2):
+        h, w = alone[i].shape[-2:]
+        assert torch.equal(features[i, :, :h, :w], alone[i]), f"image {i}"
+        assert not features[i, :, h:].any() and not features[i, :, :, w:].any() and feature_mask[i, h:].all()
+    assert torch.equal(in_big[1, :, :4, :6], alone[1])
+    assert (cache.misses, cache.hits, len(cache)) == (2, 4, 2)
+    assert torch.equal(cached, features) and torch.equal(cached_mask, feature_mask)
+    assert torch.equal(again, features.flip(0))
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.equal(out_cached[key], out[key]), key
+
+
+def test_feature_cache_needs_a_frozen_per_image_backbone():
+    batched = build_mdetr(**TINY, backbone_stride=16, pretrained_backbone=False, train_backbone=False)
+    with pytest.raises(ValueError, match="encodes each image alone"):
+        batched.backbone[0].enable_feature_cache()
+    trainable = build_mdetr(**TINY, backbone_stride=16, pretrained_backbone=False, backbone_per_image=True)
+    with pytest.raises(ValueError, match="needs a frozen backbone"):
+        trainable.backbone[0].enable_feature_cache()

@@ -23,7 +23,7 @@ def tiny_config(root, out_dir, **overrides) -> C.Config:
         "data.num_workers": 0, "model.d_model": 32, "model.nheads": 4, "model.enc_layers": 1, "model.dec_layers": 2,
         "model.dim_feedforward": 64, "model.num_queries": 9, "model.query_grid": 3, "model.freeze_text_encoder": True,
         "optim.epochs": 2, "optim.lr_drop": 10, "optim.lr": 5e-4, "train.output_dir": out_dir, "train.log_every": 1,
-        "train.threads": 2,
+        "train.threads": 2, "train.keep_checkpoints": 0,  # the resume test starts from the first epoch's file
     }
     items.update(overrides)
     return C.resolve("shapes", None, [f"--{k}={v}" for k, v in items.items()])
@@ -59,6 +59,17 @@ def test_time_limit_stops_mid_epoch_then_validates_and_saves(shapes_root, tmp_pa
     state = result["state"]
     assert (state.epoch, state.step) == (1, 1) and "train.time_limit_min=0.0001 reached" in capsys.readouterr().out
     assert "precision@1" in result["metrics"] and (tmp_path / "run" / "checkpoint.pth").exists()
+
+
+def test_non_finite_loss_stops_training_before_a_checkpoint(shapes_root, tmp_path, monkeypatch):
+    from mdetr.losses.criterion import SetCriterion
+
+    total = SetCriterion.total
+    monkeypatch.setattr(SetCriterion, "total", lambda self, losses: total(self, losses) * float("nan"))
+    cfg = tiny_config(shapes_root, str(tmp_path / "run"))
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss in the 1 steps up to step 1 .*loss_bbox"):
+        run(cfg)
+    assert not (tmp_path / "run" / "checkpoint.pth").exists()
 
 
 @pytest.mark.slow

@@ -27,11 +27,12 @@ from torch import Tensor
 
 
 def pad_images(images: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
-    """[3, H_i, W_i] images -> (padded [B, 3, Hmax, Wmax], mask [B, Hmax, Wmax] with True on padding)."""
+    """[C, H_i, W_i] images (or feature maps) -> (padded [B, C, Hmax, Wmax], mask [B, Hmax, Wmax] with True on
+    padding), on the images' device."""
     h_max = max(im.shape[1] for im in images)
     w_max = max(im.shape[2] for im in images)
     padded = images[0].new_zeros(len(images), images[0].shape[0], h_max, w_max)
-    mask = torch.ones(len(images), h_max, w_max, dtype=torch.bool)
+    mask = torch.ones(len(images), h_max, w_max, dtype=torch.bool, device=padded.device)
     for i, im in enumerate(images):
         padded[i, :, : im.shape[1], : im.shape[2]] = im
         mask[i, : im.shape[1], : im.shape[2]] = False

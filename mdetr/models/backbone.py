@@ -7,8 +7,9 @@ EfficientNet keeps the names the reference's timm used (conv_stem, bn1, blocks.i
 """
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import timm
 import torch
@@ -17,6 +18,7 @@ from timm.layers import BatchNormAct2d
 from timm.models.efficientnet import EfficientNetFeatures
 from torch import Tensor, nn
 
+from mdetr.data.collate import pad_images
 from mdetr.pretrained import backbone_state_dict
 
 from .position import PositionEmbeddingSine
@@ -121,10 +123,12 @@ class Backbone(nn.Module):
         frozen_bn_eps: eps of the frozen norms; None keeps each layer's own.
         load_weights: with ``pretrained``, False builds the same modules (frozen norms, freeze policy) without
             reading the ImageNet weights: for a checkpoint that holds the backbone's values.
+        per_image: encode each image alone, unpadded (features independent of the batch's padding; needed by the
+            feature cache); False = the reference's one padded batch.
     """
 
     def __init__(self, name: str, pretrained: bool = True, stride: int = 32, freeze: str = "reference",
-                 frozen_bn_eps: Optional[float] = 1e-5, load_weights: bool = True):
+                 frozen_bn_eps: Optional[float] = 1e-5, load_weights: bool = True, per_image: bool = False):
         super().__init__()
         if freeze not in FREEZE_POLICIES:
             raise ValueError(f"freeze must be one of {FREEZE_POLICIES}, got {freeze!r}")
@@ -141,13 +145,81 @@ class Backbone(nn.Module):
         self.num_channels: int = body.feature_info.channels()[-1]
         self.stride = stride
         _apply_freeze(body, freeze, pretrained)
+        self.per_image = per_image
+        self.feature_cache: Optional[FeatureCache] = None  # see enable_feature_cache
 
     def forward(self, images: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+        if self.per_image:
+            return self._forward_per_image(images, mask)
         # Padded pixels are zeroed (what the collate writes anyway), so their values can never leak in.
         images = images.masked_fill(mask[:, None], 0.0)
         features = self.body(images)[-1]
         feature_mask = F.interpolate(mask[None].float(), size=features.shape[-2:]).bool()[0]
         return features, feature_mask
+
+    def _forward_per_image(self, images: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+        """Each image through the body alone, unpadded, then the feature maps zero-padded into a batch: features
+        that do not depend on the batch's padding (the batched path's padding feeds every feature within its
+        receptive field)."""
+        maps = []
+        for image, pad in zip(images, mask):
+            valid = image[:, : int((~pad[:, 0]).sum()), : int((~pad[0, :]).sum())]
+            cache = self.feature_cache
+            key = cache.key(valid) if cache is not None else None
+            features = cache.get(key) if cache is not None else None
+            if features is None:
+                features = self.body(valid[None])[-1][0]
+                if cache is not None:
+                    cache.put(key, features)
+            maps.append(features)
+        return pad_images(maps)  # zero padding, True on it: as a batch of images
+
+    def enable_feature_cache(self, cache: Optional["FeatureCache"] = None) -> "FeatureCache":
+        """Memoize the features of each image (see ``FeatureCache``): only for a frozen backbone that encodes each
+        image alone (``per_image``), so cached and computed features are the same numbers. Pass another
+        backbone's cache to share it (an EMA copy of the same frozen backbone)."""
+        if not self.per_image:
+            raise ValueError("the feature cache needs a backbone that encodes each image alone "
+                             "(model.backbone_per_image=true): batched features depend on the batch's padding")
+        trainable = [name for name, p in self.named_parameters() if p.requires_grad]
+        if trainable:
+            raise ValueError(f"the feature cache needs a frozen backbone (model.train_backbone=false); "
+                             f"{len(trainable)} parameters train, e.g. {trainable[0]!r}")
+        self.feature_cache = cache if cache is not None else FeatureCache()
+        return self.feature_cache
+
+
+class FeatureCache:
+    """Features of a frozen backbone, memoized per image: the key is a hash of the image's unpadded pixels and
+    its size, so the same picture under the same (deterministic) transform is encoded once per run.
+
+    Only worth it when the train transforms are deterministic (``data.augment=false``): a randomly resized or
+    cropped image never hits. Meant for CPU runs, where the backbone is a third of a step; on CUDA each key costs a
+    copy of the image to the host. Memory: C x h x w values per distinct image (~70 KB for lite0 at 160 px)."""
+
+    def __init__(self):
+        self.entries: Dict[Tuple[int, int, bytes], Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(image: Tensor) -> Tuple[int, int, bytes]:
+        pixels = image.detach().float().cpu().contiguous().numpy()
+        return image.shape[-2], image.shape[-1], hashlib.blake2b(pixels.tobytes(), digest_size=16).digest()
+
+    def get(self, key) -> Optional[Tensor]:
+        found = self.entries.get(key)
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return found
+
+    def put(self, key, features: Tensor) -> None:
+        self.entries[key] = features.detach()
+
+    def __len__(self) -> int:
+        return len(self.entries)
 
 
 def _drop_unused_blocks(body: nn.Module) -> None:
@@ -194,9 +266,10 @@ class Joiner(nn.Sequential):
 
 def build_backbone(name: str = "tf_efficientnet_lite0", pretrained: bool = True, stride: int = 32,
                    freeze: str = "reference", num_pos_feats: int = 128,
-                   frozen_bn_eps: Optional[float] = 1e-5, load_weights: bool = True) -> Joiner:
+                   frozen_bn_eps: Optional[float] = 1e-5, load_weights: bool = True,
+                   per_image: bool = False) -> Joiner:
     """The reference's ``backbone`` module: timm features + sine position encoding (``num_pos_feats`` per axis)."""
-    return Joiner(Backbone(name, pretrained, stride, freeze, frozen_bn_eps, load_weights),
+    return Joiner(Backbone(name, pretrained, stride, freeze, frozen_bn_eps, load_weights, per_image),
                   PositionEmbeddingSine(num_pos_feats, normalize=True))
 
 

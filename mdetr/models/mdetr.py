@@ -46,6 +46,36 @@ class MLP(nn.Module):
         return x
 
 
+class TokenSimilarityHead(nn.Module):
+    """Soft-token logits as similarities (not in MDETR; GLIP / Grounding-DINO style): the logit of caption token l
+    for a query is the scaled dot product of the projected query and the projected cross-encoder output at l; the
+    no-object logit comes from the query alone. Slots after the caption (and text padding) get ``FILL``.
+
+    MDETR's ``class_embed`` is ``Linear(d, 256)``: slot l is a fixed direction of the query, so the decoder must
+    learn to write *where in the caption* its words are. Here a query only has to resemble its words' features,
+    which a short run learns far sooner (see the README). hs [N, B, Q, d], text [L, B, d], text padding mask
+    [B, L] (True = pad) -> logits [N, B, Q, num_classes + 1]."""
+
+    FILL = -1e4  # finite: the soft-token loss multiplies log-probabilities by zero targets there
+
+    def __init__(self, d_model: int, num_classes: int = 255):
+        super().__init__()
+        self.num_classes = num_classes
+        self.query = nn.Linear(d_model, d_model)
+        self.token = nn.Linear(d_model, d_model)
+        self.no_object = nn.Linear(d_model, 1)
+
+    def forward(self, hs: Tensor, text_memory: Tensor, text_padding_mask: Tensor) -> Tensor:
+        length = text_memory.shape[0]
+        if length > self.num_classes:
+            raise ValueError(f"captions have {length} tokens, more than the {self.num_classes} token slots")
+        tokens = self.token(text_memory).transpose(0, 1)  # [B, L, d]
+        logits = torch.einsum("nbqd,bld->nbql", self.query(hs), tokens) * tokens.shape[-1] ** -0.5
+        logits = logits.masked_fill(text_padding_mask[None, :, None, :], self.FILL)
+        after = logits.new_full((*logits.shape[:-1], self.num_classes - length), self.FILL)
+        return torch.cat([logits, after, self.no_object(hs).to(logits.dtype)], -1)
+
+
 class MDETR(nn.Module):
     """Modulated detection. ``forward(images, mask, captions)`` = ``decode(encode(images, mask, captions))``.
 
@@ -64,12 +94,16 @@ class MDETR(nn.Module):
             region, starting from the encoder memory and the position encoding sampled there, and predicting its
             box relative to that cell (``num_queries`` must be G * G). DETR's learned queries take tens of
             epochs to leave the "same boxes for every image" plateau; anchored queries start localized.
+        token_head: "linear" = the reference's ``class_embed`` (Linear over the 256 slots); "similarity" =
+            ``TokenSimilarityHead`` (not in MDETR; same output, logits from query-token similarity).
     """
 
     def __init__(self, backbone: Joiner, transformer: Transformer, num_queries: int = 100, num_classes: int = 255,
                  contrastive_align_dim: int = 64, qa_dataset: Optional[str] = None, clevr_attr_classes: int = 15,
-                 predict_final: bool = False, query_grid: int = 0):
+                 predict_final: bool = False, query_grid: int = 0, token_head: str = "linear"):
         super().__init__()
+        if token_head not in ("linear", "similarity"):
+            raise ValueError(f"token_head must be 'linear' or 'similarity', got {token_head!r}")
         if query_grid < 0 or (query_grid and num_queries != query_grid ** 2):
             raise ValueError(f"query_grid must be 0 or G > 0 with num_queries == G * G, got query_grid={query_grid}, "
                              f"num_queries={num_queries}")
@@ -78,7 +112,9 @@ class MDETR(nn.Module):
         d_model = transformer.d_model
         self.num_queries = num_queries
         self.transformer = transformer
-        self.class_embed = nn.Linear(d_model, num_classes + 1)
+        self.token_head = token_head
+        self.class_embed = (nn.Linear(d_model, num_classes + 1) if token_head == "linear"
+                            else TokenSimilarityHead(d_model, num_classes))
         self.isfinal_embed = nn.Linear(d_model, 1) if predict_final else None
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
         self.query_grid = query_grid
@@ -162,7 +198,10 @@ class MDETR(nn.Module):
             for slot, (name, _, _) in enumerate(self.qa_heads):
                 logits = getattr(self, f"answer_{name}_head")(answer_embeds[:, slot])
                 out[f"pred_answer_{name}"] = logits.squeeze(-1) if name == "binary" else logits
-        outputs_class = self.class_embed(hs)
+        if self.token_head == "linear":
+            outputs_class = self.class_embed(hs)
+        else:
+            outputs_class = self.class_embed(hs, memory_cache["text_memory"], memory_cache["text_attention_mask"])
         box_offsets = self.bbox_embed(hs)
         if "reference_boxes" in memory_cache:  # anchor queries: offsets in logit space from each cell
             box_offsets = box_offsets + torch.logit(memory_cache["reference_boxes"], eps=1e-5).to(box_offsets.dtype)
@@ -191,11 +230,13 @@ class MDETR(nn.Module):
 
 def build_mdetr(backbone: str = "tf_efficientnet_lite0", pretrained_backbone: bool = True,
                 backbone_stride: int = 32, train_backbone: bool = True, backbone_freeze: str = "reference",
+                backbone_per_image: bool = False,
                 frozen_bn_eps: Optional[float] = 1e-5, text_encoder: str = "all-MiniLM-L6-v2",
                 freeze_text_encoder: bool = False, d_model: int = 256, nheads: int = 8, enc_layers: int = 6,
                 dec_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1, num_queries: int = 100,
                 contrastive_align_dim: int = 64, qa_dataset: Optional[str] = None, clevr_attr_classes: int = 15,
-                predict_final: bool = False, query_grid: int = 0, attention_backend: str = "reference",
+                predict_final: bool = False, query_grid: int = 0, token_head: str = "linear",
+                attention_backend: str = "reference",
                 load_backbone_weights: bool = True, text_encoder_config: Optional[PretrainedConfig] = None) -> MDETR:
     """MDETR with explicit settings (defaults: the paper's sizes on the embedded lite0 + MiniLM encoders).
 
@@ -209,12 +250,12 @@ def build_mdetr(backbone: str = "tf_efficientnet_lite0", pretrained_backbone: bo
     encoder from that configuration without weights (``text_encoder`` then only names the tokenizer)."""
     joiner = build_backbone(backbone, pretrained_backbone, backbone_stride,
                             backbone_freeze if train_backbone else "all", d_model // 2, frozen_bn_eps,
-                            load_backbone_weights)
+                            load_backbone_weights, backbone_per_image)
     transformer = Transformer(text_encoder, freeze_text_encoder, d_model, nheads, enc_layers, dec_layers,
                               dim_feedforward, dropout, attention_backend, text_encoder_config)
     return MDETR(joiner, transformer, num_queries, contrastive_align_dim=contrastive_align_dim,
                  qa_dataset=qa_dataset, clevr_attr_classes=clevr_attr_classes, predict_final=predict_final,
-                 query_grid=query_grid)
+                 query_grid=query_grid, token_head=token_head)
 
 
 def param_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:

@@ -119,7 +119,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", weights: st
     """A training checkpoint of ``python -m mdetr.train`` -> (model in eval mode, its resolved ``Config``).
 
     ``weights``: "ema" (the averaged weights, what validation reports; the live ones when the run kept no EMA)
-    or "model" (the live weights)."""
+    or "model" (the live weights). The model's ``loaded_weights`` attribute says which were loaded."""
     from mdetr import config as config_mod
     from mdetr.models import build_from_config
 
@@ -132,8 +132,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", weights: st
                          f"released MDETR checkpoints load with mdetr.load_pretrained")
     cfg = config_mod.from_dict(saved["config"])
     model = build_from_config(cfg.model, attention_backend=attention_backend)
-    state = saved["ema"] if weights == "ema" and saved.get("ema") else saved["model"]
-    model.load_state_dict(state)
+    used = "ema" if weights == "ema" and saved.get("ema") else "model"
+    model.load_state_dict(saved[used])
+    model.loaded_weights = used  # what was loaded: "ema" asked of a run without EMA gives "model"
     return model.to(device).eval(), cfg
 
 

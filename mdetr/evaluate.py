@@ -260,7 +260,7 @@ def evaluate_checkpoint(checkpoint: str, task: str, split: str = "test", ann: Op
     evaluator = run_evaluator(model, loader, task, make_evaluator(task, model.qa_dataset, iou_type), torch_device,
                               precision)
     return {"task": task, "split": split, "annotation_file": str(dataset.ann_file), "checkpoint": str(checkpoint),
-            "weights": weights, "samples": len(indices), **report(task, evaluator)}
+            "weights": model.loaded_weights, "samples": len(indices), **report(task, evaluator)}
 
 
 def default_out(checkpoint: str, task: str, split: str, ann: Optional[str]) -> Path:
@@ -300,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not main_rank:
         return
     out = Path(args.out) if args.out else default_out(args.checkpoint, args.task, args.split, args.ann)
-    print(f"{args.task} on {result['annotation_file']} ({result['samples']} samples, {args.weights} weights): "
+    print(f"{args.task} on {result['annotation_file']} ({result['samples']} samples, {result['weights']} weights): "
           + ", ".join(f"{k} {v}" for k, v in result["counts"].items()))
     print("\n\n".join(result["tables"]))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -383,3 +383,13 @@ def test_cli_bad_inputs_name_the_argument(checkpoints, capsys, args, message):
         main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_ema_asked_of_a_run_without_ema_reports_the_live_weights(checkpoints, tmp_path):
+    from mdetr.checkpoint import load_model
+
+    saved = torch.load(checkpoints["detector"], weights_only=False)
+    no_ema = tmp_path / "no_ema.pth"
+    torch.save(dict(saved, ema=None), no_ema)
+    assert load_model(checkpoints["detector"], weights="ema")[0].loaded_weights == "ema"
+    assert load_model(no_ema, weights="ema")[0].loaded_weights == "model"

@@ -62,19 +62,16 @@ def save_checkpoint(output_dir: str | Path, state: Dict[str, Any], epoch: int, k
     latest = output_dir / LATEST
     atomic_save(state, latest)
     epoch_file = output_dir / f"checkpoint_epoch{epoch:04d}.pth"
-    fd, tmp = tempfile.mkstemp(prefix=f".{epoch_file.name}.", suffix=".tmp", dir=output_dir)
-    os.close(fd)
+    tmp = epoch_file.with_name(f".{epoch_file.name}.tmp")  # only the main process writes checkpoints
+    tmp.unlink(missing_ok=True)
     try:
-        os.unlink(tmp)
         try:
             os.link(latest, tmp)
         except OSError:
             shutil.copyfile(latest, tmp)
         os.replace(tmp, epoch_file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
     if keep:  # files of later epochs (an older run's, in a reused folder) are neither counted nor deleted
         earlier = [p for p in epoch_checkpoints(output_dir) if _epoch_of(p) <= epoch]
         for old in earlier[:-keep]:

@@ -107,7 +107,7 @@ class TrainConfig:
     # epoch in progress then ends early, with its validation and checkpoint; 0 = no limit)
     threads: int = 0  # torch intra-op threads on CPU (0 = torch's default)
     cache_features: bool = False  # memoize the frozen backbone's features per image (CPU; needs
-    # model.train_backbone=false and data.augment=false)
+    # model.train_backbone=false, model.backbone_per_image=true and data.augment=false)
     keep_checkpoints: int = 0  # checkpoint_epochNNNN.pth files kept, newest first (0 = all); checkpoint.pth stays
 
 
@@ -129,10 +129,11 @@ def _shapes(cfg: Config) -> None:
 
     Departures from the paper, each for CPU time: small images (short side 128..192), a stride-16 feature map
     (stride 32 leaves 4x6 cells on such images), no augmentation, so that the frozen backbone's features are
-    computed once per image (``train.cache_features``: a step is then ~40% cheaper), d_model 128 with 4 heads of 32 and 3+3 layers with FFN 512 (as
-    good per step as 256 / 1024 on this world, twice as fast), no dropout (a short run does not overfit, and CPU
-    dropout masks cost a third of the forward), the pretrained backbone and text encoder frozen (their backward
-    passes were 60% of a step), an EMA decay that suits ~1000 steps, 3000 training images.
+    computed once per image (``train.cache_features``: a step is then ~30% cheaper), d_model 128 with 4 heads of
+    32 and 3+3 layers with FFN 512 (as good per step as 256 / 1024 on this world, twice as fast), no dropout (a
+    short run does not overfit, and CPU dropout masks cost a third of the forward), the pretrained backbone and text
+    encoder frozen (their backward passes were 60% of a step), an EMA decay that suits ~1000 steps, 3000 training
+    images.
     Two departures from the architecture (see the README's measurements):
     - anchor queries on a 10 x 10 grid (``model.query_grid``) instead of 100 learned ones. With learned queries
       every 15-minute run stayed in DETR's early plateau (the same boxes for every image, precision@1 0.005);

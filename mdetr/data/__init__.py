@@ -71,7 +71,7 @@ def build_dataset(data_cfg, split: str, tokenizer, ann_file: Optional[str] = Non
         raise ValueError(f"data.dataset must be 'shapes' or 'mdetr', got {data_cfg.dataset!r}")
     image_dir = Path(data_cfg.image_dir) if data_cfg.image_dir else Path(data_cfg.root) / "images"
     # data.augment=false: the train split gets the deterministic eval transform (what the feature cache needs)
-    transform_split = "eval" if split == "train" and not getattr(data_cfg, "augment", True) else split
+    transform_split = "eval" if split == "train" and not data_cfg.augment else split
     return ModulatedDetection(image_dir, _ann_path(data_cfg, split, ann_file), tokenizer,
                               make_transforms(transform_split, data_cfg.transforms),
                               answer_vocab=_answer_vocab(data_cfg))

@@ -39,9 +39,13 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> t
 
 def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: int, step: int, total_steps: int,
                          cfg: OptimConfig) -> None:
-    """MDETR's schedule: main and backbone lr drop 10x at ``lr_drop``; the text encoder warms up linearly over
-    ``warmup_fraction`` of all steps, then decays linearly to 0."""
-    gamma = 0.1 ** (epoch // cfg.lr_drop) if cfg.lr_drop > 0 else 1.0
+    """MDETR's schedule: main and backbone lr drop 10x at epoch ``lr_drop`` (or after ``lr_drop_step`` optimizer
+    steps, when set); the text encoder warms up linearly over ``warmup_fraction`` of all steps, then decays
+    linearly to 0."""
+    if cfg.lr_drop_step > 0:
+        gamma = 0.1 if step >= cfg.lr_drop_step else 1.0
+    else:
+        gamma = 0.1 ** (epoch // cfg.lr_drop) if cfg.lr_drop > 0 else 1.0
     warmup = round(cfg.warmup_fraction * total_steps)
     if step < warmup:
         text_gamma = step / max(1, warmup)
@@ -63,10 +67,12 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """Averages the trainable parameters. Frozen ones (a frozen backbone or text encoder: most of the small
+        presets' weights) never change, and the copy already holds them: averaging them would only cost time."""
         source = unwrap(model)
-        ema_params = [p for p in self.module.parameters()]
-        params = [p.detach() for p in source.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+        pairs = [(e, p.detach()) for e, p in zip(self.module.parameters(), source.parameters()) if p.requires_grad]
+        if pairs:
+            torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - self.decay)
         for b_ema, b in zip(self.module.buffers(), source.buffers()):
             b_ema.copy_(b)
 

@@ -62,7 +62,8 @@ class RunLog:
         return [r for r in rows if kind is None or r["kind"] == kind]
 
     def plot(self) -> Optional[Path]:
-        """Loss per step (left) and the validation metric per epoch (right), to ``curves.png``."""
+        """Loss (left) and the validation metrics (right, one point per validation) per optimizer step, to
+        ``curves.png``."""
         if not self.enabled:
             return None
         import matplotlib
@@ -71,16 +72,17 @@ class RunLog:
         import matplotlib.pyplot as plt
 
         train, val = self.records("train"), self.records("val")
-        fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6))
+        fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
         if train:
             ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
         ax_loss.set(xlabel="optimizer step", ylabel="total loss", title="training loss", yscale="log")
         if val:
-            for key in [k for k in val[-1] if k.startswith(("precision@", "qa_accuracy")) and "type" not in k]:
-                ax_val.plot([r["epoch"] + 1 for r in val], [r.get(key, float("nan")) for r in val], marker="o",
+            # precision@k (refexp), any/merged_box_recall@k (grounding), qa_accuracy; not the per-type accuracies
+            for key in [k for k in val[-1] if ("@" in k or k.startswith("qa_accuracy")) and "type" not in k]:
+                ax_val.plot([r["step"] for r in val], [r.get(key, float("nan")) for r in val], marker="o",
                             label=key)
-            ax_val.legend()
-        ax_val.set(xlabel="epoch", ylabel="val", title="validation", ylim=(0, 1))
+            ax_val.legend(fontsize="small")
+        ax_val.set(xlabel="optimizer step", ylabel="val", title="validation (after each epoch)", ylim=(0, 1))
         fig.tight_layout()
         out = self.dir / "curves.png"
         fig.savefig(out, dpi=110)

@@ -113,13 +113,18 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
         seed_everything(cfg.train.seed + rank)  # per-rank streams for dropout and augmentation
     # built after any resume, so it starts from the loaded weights when the checkpoint holds no EMA
     ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema else None
-    if cfg.train.cache_features:  # one cache for the model and its EMA copy: the same frozen backbone
+    if cfg.train.cache_features:  # one cache for the model and its EMA copy: the same frozen extractors
         cache = model.backbone[0].enable_feature_cache()
+        text_cache = model.transformer.enable_text_cache() if cfg.model.freeze_text_encoder else None
         if ema is not None:
             ema.module.backbone[0].enable_feature_cache(cache)
+            if text_cache is not None:
+                ema.module.transformer.enable_text_cache(text_cache)
         if main:
-            print("train.cache_features: the frozen backbone runs once per distinct image (train and val), "
-                  "then its features are reused")
+            print("train.cache_features: the frozen backbone runs once per distinct image (train and val)"
+                  + (", the frozen text encoder once per distinct caption" if text_cache is not None else
+                     "; the text encoder trains, so it runs every step")
+                  + ", then their outputs are reused")
     if ema is not None and resume_from is not None and saved.get("ema"):
         ema.load_state_dict(saved["ema"])
 
@@ -194,7 +199,9 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
     if progress is not None:
         progress.close()
     if main and cfg.train.cache_features:
-        print(f"train.cache_features: {len(cache)} images encoded, their features reused {cache.hits} times")
+        print(f"train.cache_features: {len(cache)} images encoded, their features reused {cache.hits} times"
+              + (f"; {len(text_cache)} captions encoded ({text_cache.misses} encoder passes), reused "
+                 f"{text_cache.hits} times" if text_cache is not None else ""))
     log.close()
     return {"metrics": metrics, "state": state, "minutes": (time.perf_counter() - start) / 60}
 

@@ -19,6 +19,7 @@ from mdetr.models import backbone as backbone_mod
 from mdetr.models.backbone import (Backbone, FrozenBatchNorm2d, FrozenBatchNormAct2d, build_backbone,
                                    freeze_batch_norm, map_reference_backbone_key)
 from mdetr.models.position import PositionEmbeddingSine
+from mdetr.models.text import tokenize_captions
 from mdetr.pretrained import backbone_state_dict, map_state_dict_in_order
 
 TINY = dict(d_model=64, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=96, num_queries=7)
@@ -501,3 +502,71 @@ def test_feature_cache_needs_a_frozen_per_image_backbone():
     trainable = build_mdetr(**TINY, backbone_stride=16, pretrained_backbone=False, backbone_per_image=True)
     with pytest.raises(ValueError, match="needs a frozen backbone"):
         trainable.backbone[0].enable_feature_cache()
+
+
+def test_text_cache_serves_any_padding_and_equals_the_encoder():
+    torch.manual_seed(0)
+    model = build_mdetr(**TINY, pretrained_backbone=False, freeze_text_encoder=True).eval()
+    transformer = model.transformer
+    short, long_ = "a red ball", "the small blue cube left of the green cylinder and the big red sphere"
+
+    def encoded(captions):
+        tokenized = tokenize_captions(transformer.tokenizer, captions, transformer.max_caption_tokens,
+                                      torch.device("cpu"))
+        with torch.no_grad():
+            return transformer.encode_text(tokenized, captions)
+
+    alone, padded = encoded([short]), encoded([short, long_])  # uncached: short at its own length, then padded
+    images, mask = images_and_mask()
+    with torch.no_grad():
+        out = model(images, mask, [short, long_])
+    cache = transformer.enable_text_cache()
+    first = encoded([short])  # miss: stored at its own length
+    again = encoded([short])  # hit
+    longer = encoded([long_, short])  # both miss: short's entry is too short for this padding, so it is redone
+    shorter = encoded([short])  # hit: sliced from the longer entry
+    assert (cache.misses, cache.hits, len(cache)) == (3, 2, 2)
+    assert cache.entries[short].shape[0] == padded.shape[1]
+    assert_close(first, alone, what="first")
+    assert torch.equal(again, first)
+    assert_close(longer[1], padded[0], what="padded positions")
+    assert_close(longer[0], padded[1], what="long caption")
+    assert_close(shorter, alone, what="sliced")
+    with torch.no_grad():
+        out_cached = model(images, mask, [short, long_])
+    for key in ("pred_logits", "pred_boxes"):
+        assert_close(out_cached[key], out[key], what=key)
+
+
+def test_text_cache_needs_a_frozen_text_encoder():
+    model = build_mdetr(**TINY, pretrained_backbone=False)
+    with pytest.raises(ValueError, match="frozen text encoder"):
+        model.transformer.enable_text_cache()
+
+
+@pytest.mark.parametrize("query_grid", [0, 3])
+def test_box_refinement_offsets_each_layer_from_the_previous_box(query_grid):
+    torch.manual_seed(0)
+    model = build_mdetr(**dict(TINY, num_queries=9, dec_layers=3), query_grid=query_grid, backbone_stride=16,
+                        pretrained_backbone=False).eval()
+    images, mask = images_and_mask()
+    with torch.no_grad():
+        cache = model.encode(images, mask, CAPTIONS)
+        plain = model.decode(cache)
+        model.box_refine = True
+        refined = model.decode(cache)
+        offsets = model.bbox_embed(model.transformer.decode(cache))  # [layers, B, Q, 4]
+    boxes = [aux["pred_boxes"] for aux in refined["aux_outputs"]] + [refined["pred_boxes"]]
+    first = [aux["pred_boxes"] for aux in plain["aux_outputs"]][0]
+    assert_close(boxes[0], first, what="layer 0: the anchor (or no) reference, as without refinement")
+    for layer in (1, 2):
+        expected = (offsets[layer] + torch.logit(boxes[layer - 1], eps=1e-5)).sigmoid()
+        assert_close(boxes[layer], expected, what=f"layer {layer}")
+    assert not torch.allclose(refined["pred_boxes"], plain["pred_boxes"])
+    # the reference is detached: the last box's gradient reaches the shared head's output bias only through the
+    # last layer's offsets (d box / d bias = box * (1 - box)), not through the earlier layers' boxes
+    model.train()
+    boxes = model(images, mask, CAPTIONS)["pred_boxes"]
+    bias = model.bbox_embed.layers[-1].bias
+    (grad,) = torch.autograd.grad(boxes.sum(), bias)
+    assert_close(grad, (boxes * (1 - boxes)).detach().sum((0, 1)), what="bias gradient")

@@ -150,3 +150,41 @@ def test_validation_metrics_come_from_counts():
     refexp = RefExpEvaluator(ks=(1,))
     refexp.update(torch.tensor([[[0.0, 0, 1, 1]], [[2.0, 2, 3, 3]]]), torch.ones(2, 1), torch.tensor([[0.0, 0, 1, 1]] * 2))
     assert _metrics_from_counts(refexp, None) == {"precision@1": 0.5}
+
+
+def test_ema_averages_trainable_parameters_and_copies_buffers():
+    from mdetr.engine import ModelEMA
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    model[1].weight.requires_grad_(False)  # frozen: never changes, so the copy is not averaged
+    ema = ModelEMA(model, decay=0.75)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight.add_(4.0)
+        model[1].running_mean.fill_(2.0)
+    ema.update(model)
+    after = ema.state_dict()
+    assert torch.allclose(after["0.weight"], before["0.weight"] + 0.25 * 4.0)
+    assert torch.equal(after["0.bias"], before["0.bias"])  # unchanged source: the average stays
+    assert torch.equal(after["1.running_mean"], torch.full((3,), 2.0))  # buffers are copied
+    assert torch.equal(after["1.weight"], before["1.weight"])
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_lr_schedule_drops_at_the_epoch_or_the_step():
+    from mdetr.engine import adjust_learning_rate
+    optimizer = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "name": name}
+                                   for name in ("rest", "backbone", "text_encoder")])
+    cfg = C.OptimConfig(lr=1e-3, lr_backbone=1e-4, text_encoder_lr=5e-5, lr_drop=2, warmup_fraction=0.1)
+
+    def lrs(epoch, step):
+        adjust_learning_rate(optimizer, epoch, step, 100, cfg)
+        return [round(group["lr"], 12) for group in optimizer.param_groups]
+
+    assert lrs(0, 5) == [1e-3, 1e-4, 2.5e-5]  # text encoder: half-way through its 10-step warm-up
+    assert lrs(1, 60) == [1e-3, 1e-4, round(5e-5 * 40 / 90, 12)]
+    assert lrs(2, 60)[:2] == [1e-4, 1e-5]  # epoch 2: the 10x drop
+    cfg.lr_drop_step = 50  # the step wins over the epoch
+    assert lrs(5, 49)[:2] == [1e-3, 1e-4]
+    assert lrs(0, 50)[:2] == [1e-4, 1e-5]
+    with pytest.raises(ValueError, match="optim.lr_drop_step must be >= 0"):
+        C.resolve("shapes", None, ["--optim.lr_drop_step=-1"])

@@ -7,9 +7,8 @@ EfficientNet keeps the names the reference's timm used (conv_stem, bn1, blocks.i
 """
 from __future__ import annotations
 
-import hashlib
 import math
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import timm
 import torch
@@ -19,6 +18,7 @@ from timm.models.efficientnet import EfficientNetFeatures
 from torch import Tensor, nn
 
 from mdetr.data.collate import pad_images
+from mdetr.models.cache import FeatureCache
 from mdetr.pretrained import backbone_state_dict
 
 from .position import PositionEmbeddingSine
@@ -174,7 +174,7 @@ class Backbone(nn.Module):
             maps.append(features)
         return pad_images(maps)  # zero padding, True on it: as a batch of images
 
-    def enable_feature_cache(self, cache: Optional["FeatureCache"] = None) -> "FeatureCache":
+    def enable_feature_cache(self, cache: Optional[FeatureCache] = None) -> FeatureCache:
         """Memoize the features of each image (see ``FeatureCache``): only for a frozen backbone that encodes each
         image alone (``per_image``), so cached and computed features are the same numbers. Pass another
         backbone's cache to share it (an EMA copy of the same frozen backbone)."""
@@ -187,39 +187,6 @@ class Backbone(nn.Module):
                              f"{len(trainable)} parameters train, e.g. {trainable[0]!r}")
         self.feature_cache = cache if cache is not None else FeatureCache()
         return self.feature_cache
-
-
-class FeatureCache:
-    """Features of a frozen backbone, memoized per image: the key is a hash of the image's unpadded pixels and
-    its size, so the same picture under the same (deterministic) transform is encoded once per run.
-
-    Only worth it when the train transforms are deterministic (``data.augment=false``): a randomly resized or
-    cropped image never hits. Meant for CPU runs, where the backbone is a third of a step; on CUDA each key costs a
-    copy of the image to the host. Memory: C x h x w values per distinct image (~70 KB for lite0 at 160 px)."""
-
-    def __init__(self):
-        self.entries: Dict[Tuple[int, int, bytes], Tensor] = {}
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def key(image: Tensor) -> Tuple[int, int, bytes]:
-        pixels = image.detach().float().cpu().contiguous().numpy()
-        return image.shape[-2], image.shape[-1], hashlib.blake2b(pixels.tobytes(), digest_size=16).digest()
-
-    def get(self, key) -> Optional[Tensor]:
-        found = self.entries.get(key)
-        if found is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return found
-
-    def put(self, key, features: Tensor) -> None:
-        self.entries[key] = features.detach()
-
-    def __len__(self) -> int:
-        return len(self.entries)
 
 
 def _drop_unused_blocks(body: nn.Module) -> None:

@@ -96,11 +96,14 @@ class MDETR(nn.Module):
             epochs to leave the "same boxes for every image" plateau; anchored queries start localized.
         token_head: "linear" = the reference's ``class_embed`` (Linear over the 256 slots); "similarity" =
             ``TokenSimilarityHead`` (not in MDETR; same output, logits from query-token similarity).
+        box_refine: each decoder layer's box is an offset (in logit space) from the previous layer's box, detached
+            (Deformable DETR's iterative refinement; not in MDETR; no parameters of its own). The first layer's
+            reference is the query's anchor cell, or none for learned queries.
     """
 
     def __init__(self, backbone: Joiner, transformer: Transformer, num_queries: int = 100, num_classes: int = 255,
                  contrastive_align_dim: int = 64, qa_dataset: Optional[str] = None, clevr_attr_classes: int = 15,
-                 predict_final: bool = False, query_grid: int = 0, token_head: str = "linear"):
+                 predict_final: bool = False, query_grid: int = 0, token_head: str = "linear", box_refine: bool = False):
         super().__init__()
         if token_head not in ("linear", "similarity"):
             raise ValueError(f"token_head must be 'linear' or 'similarity', got {token_head!r}")
@@ -118,6 +121,7 @@ class MDETR(nn.Module):
         self.isfinal_embed = nn.Linear(d_model, 1) if predict_final else None
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
         self.query_grid = query_grid
+        self.box_refine = box_refine
         self.query_embed = None if query_grid else nn.Embedding(num_queries, d_model)
         self.qa_dataset = qa_dataset
         self.qa_heads = [] if qa_dataset is None else [
@@ -203,9 +207,17 @@ class MDETR(nn.Module):
         else:
             outputs_class = self.class_embed(hs, memory_cache["text_memory"], memory_cache["text_attention_mask"])
         box_offsets = self.bbox_embed(hs)
-        if "reference_boxes" in memory_cache:  # anchor queries: offsets in logit space from each cell
-            box_offsets = box_offsets + torch.logit(memory_cache["reference_boxes"], eps=1e-5).to(box_offsets.dtype)
-        outputs_coord = box_offsets.sigmoid()
+        reference = memory_cache.get("reference_boxes")  # anchor queries: offsets in logit space from each cell
+        if reference is not None:
+            reference = torch.logit(reference, eps=1e-5).to(box_offsets.dtype)
+        if self.box_refine:
+            layers = []
+            for offsets in box_offsets:
+                layers.append((offsets if reference is None else offsets + reference).sigmoid())
+                reference = torch.logit(layers[-1].detach(), eps=1e-5)
+            outputs_coord = torch.stack(layers)
+        else:
+            outputs_coord = (box_offsets if reference is None else box_offsets + reference).sigmoid()
         tokenized = memory_cache["tokenized"]
         out.update(pred_logits=outputs_class[-1], pred_boxes=outputs_coord[-1], tokenized=tokenized)
         out["aux_outputs"] = [{"pred_logits": c, "pred_boxes": b, "tokenized": tokenized}
@@ -235,7 +247,7 @@ def build_mdetr(backbone: str = "tf_efficientnet_lite0", pretrained_backbone: bo
                 freeze_text_encoder: bool = False, d_model: int = 256, nheads: int = 8, enc_layers: int = 6,
                 dec_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1, num_queries: int = 100,
                 contrastive_align_dim: int = 64, qa_dataset: Optional[str] = None, clevr_attr_classes: int = 15,
-                predict_final: bool = False, query_grid: int = 0, token_head: str = "linear",
+                predict_final: bool = False, query_grid: int = 0, token_head: str = "linear", box_refine: bool = False,
                 attention_backend: str = "reference",
                 load_backbone_weights: bool = True, text_encoder_config: Optional[PretrainedConfig] = None) -> MDETR:
     """MDETR with explicit settings (defaults: the paper's sizes on the embedded lite0 + MiniLM encoders).
@@ -255,7 +267,7 @@ def build_mdetr(backbone: str = "tf_efficientnet_lite0", pretrained_backbone: bo
                               dim_feedforward, dropout, attention_backend, text_encoder_config)
     return MDETR(joiner, transformer, num_queries, contrastive_align_dim=contrastive_align_dim,
                  qa_dataset=qa_dataset, clevr_attr_classes=clevr_attr_classes, predict_final=predict_final,
-                 query_grid=query_grid, token_head=token_head)
+                 query_grid=query_grid, token_head=token_head, box_refine=box_refine)
 
 
 def param_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:

@@ -12,8 +12,9 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PretrainedConfig
+from transformers import BatchEncoding, PretrainedConfig
 
+from .cache import FeatureCache
 from .text import FeatureResizer, load_text_encoder, max_caption_tokens, tokenize_captions
 
 
@@ -150,6 +151,7 @@ class Transformer(nn.Module):
         self.resizer = FeatureResizer(self.text_encoder.config.hidden_size, d_model, dropout=0.1)
         self.d_model = d_model
         self.nhead = nheads
+        self.text_cache: Optional[FeatureCache] = None  # see enable_text_cache
 
     def train(self, mode: bool = True) -> "Transformer":
         """A frozen text encoder stays in eval mode (no dropout): it is a fixed feature extractor."""
@@ -157,6 +159,36 @@ class Transformer(nn.Module):
         if self.freeze_text_encoder:
             self.text_encoder.eval()
         return self
+
+    def enable_text_cache(self, cache: Optional[FeatureCache] = None) -> FeatureCache:
+        """Memoize the frozen text encoder's outputs per caption (see ``encode_text``). Pass another model's cache
+        to share it (an EMA copy of the same frozen encoder)."""
+        if not self.freeze_text_encoder:
+            raise ValueError("the text cache needs a frozen text encoder (model.freeze_text_encoder=true)")
+        self.text_cache = cache if cache is not None else FeatureCache()
+        return self.text_cache
+
+    def encode_text(self, tokenized: BatchEncoding, captions: Sequence[str]) -> Tensor:
+        """The text encoder's last hidden state [B, L, hidden] for the tokenized captions (padded to L).
+
+        With the text cache, each caption is encoded once at the longest padding it has met: the output at a
+        position (padding included: MDETR's contrastive loss reads the padded positions) depends only on the
+        caption's tokens and that position, since padding is masked as a key, so a longer entry serves any shorter
+        padding by slicing. Cached values equal recomputed ones up to float rounding (the batch shapes differ)."""
+        cache = self.text_cache
+        if cache is None or not self.freeze_text_encoder:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_text_encoder):
+                return self.text_encoder(**tokenized).last_hidden_state
+        length = tokenized["input_ids"].shape[1]
+        found = [cache.get(caption, usable=lambda entry: entry.shape[0] >= length) for caption in captions]
+        missing = [i for i, entry in enumerate(found) if entry is None]
+        if missing:
+            with torch.no_grad():
+                computed = self.text_encoder(**{k: v[missing] for k, v in tokenized.items()}).last_hidden_state
+            for row, i in zip(computed, missing):
+                found[i] = row.clone()
+                cache.put(captions[i], found[i])
+        return torch.stack([entry[:length] for entry in found])
 
     def encode(self, src: Tensor, mask: Tensor, pos_embed: Tensor, query_embed: Tensor,
                captions: Sequence[str]) -> Dict[str, Any]:
@@ -170,8 +202,7 @@ class Transformer(nn.Module):
         mask = mask.flatten(1)  # [B, hw]
 
         tokenized = tokenize_captions(self.tokenizer, captions, self.max_caption_tokens, src.device)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_text_encoder):
-            text_features = self.text_encoder(**tokenized).last_hidden_state.transpose(0, 1)  # [L, B, hidden]
+        text_features = self.encode_text(tokenized, captions).transpose(0, 1)  # [L, B, hidden]
         text_attention_mask = tokenized["attention_mask"].ne(1)  # HF: 1 = token; here True = pad
         text_memory_resized = self.resizer(text_features)  # [L, B, d]
 

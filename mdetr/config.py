@@ -390,7 +390,8 @@ def validate(cfg: Config) -> None:
                          f"data.augment=false (got {cfg.model.train_backbone}, {cfg.model.backbone_per_image} and "
                          f"{cfg.data.augment})")
     if cfg.optim.lr_drop_step < 0:
-        raise ValueError(f"optim.lr_drop_step must be >= 0 (0 = drop at epoch optim.lr_drop), got {cfg.optim.lr_drop_step}")
+        raise ValueError(f"optim.lr_drop_step must be >= 0 (0 = drop at epoch optim.lr_drop), "
+                         f"got {cfg.optim.lr_drop_step}")
     if cfg.train.keep_checkpoints < 0:
         raise ValueError(f"train.keep_checkpoints must be >= 0 (0 = keep all), got {cfg.train.keep_checkpoints}")
 

@@ -103,7 +103,8 @@ class MDETR(nn.Module):
 
     def __init__(self, backbone: Joiner, transformer: Transformer, num_queries: int = 100, num_classes: int = 255,
                  contrastive_align_dim: int = 64, qa_dataset: Optional[str] = None, clevr_attr_classes: int = 15,
-                 predict_final: bool = False, query_grid: int = 0, token_head: str = "linear", box_refine: bool = False):
+                 predict_final: bool = False, query_grid: int = 0, token_head: str = "linear",
+                 box_refine: bool = False):
         super().__init__()
         if token_head not in ("linear", "similarity"):
             raise ValueError(f"token_head must be 'linear' or 'similarity', got {token_head!r}")

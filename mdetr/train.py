@@ -200,8 +200,8 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
         progress.close()
     if main and cfg.train.cache_features:
         print(f"train.cache_features: {len(cache)} images encoded, their features reused {cache.hits} times"
-              + (f"; {len(text_cache)} captions encoded ({text_cache.misses} encoder passes), reused "
-                 f"{text_cache.hits} times" if text_cache is not None else ""))
+              + (f"; {len(text_cache)} captions encoded ({text_cache.misses - len(text_cache)} of them again, at a "
+                 f"longer padding), reused {text_cache.hits} times" if text_cache is not None else ""))
     log.close()
     return {"metrics": metrics, "state": state, "minutes": (time.perf_counter() - start) / 60}
 

@@ -175,8 +175,8 @@ class Transformer(nn.Module):
         position (padding included: MDETR's contrastive loss reads the padded positions) depends only on the
         caption's tokens and that position, since padding is masked as a key, so a longer entry serves any shorter
         padding by slicing. Cached values equal recomputed ones up to float rounding (the batch shapes differ)."""
-        cache = self.text_cache
-        if cache is None or not self.freeze_text_encoder:
+        cache = self.text_cache  # only ever set on a frozen encoder (enable_text_cache)
+        if cache is None:
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_text_encoder):
                 return self.text_encoder(**tokenized).last_hidden_state
         length = tokenized["input_ids"].shape[1]

@@ -104,6 +104,8 @@ class TrainConfig:
     load: str = ""  # fine-tuning: start from this checkpoint's (EMA) weights, with a fresh optimizer and schedule
     log_every: int = 20  # steps between host syncs for logging
     eval_every: int = 1  # epochs between validations
+    eval_every_steps: int = 0  # > 0: also validate every this many optimizer steps, within epochs (learning curves
+    # of runs that last an epoch or two); these records carry the epoch in progress
     eval_task: str = "refexp"  # "refexp": precision@k (+ QA accuracy for QA models); "grounding": Recall@k
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit); for smoke runs
     time_limit_min: float = 0.0  # stop training after this many minutes (checked every log_every steps; the
@@ -168,6 +170,7 @@ def _shapes(cfg: Config) -> None:
     cfg.optim.lr_drop = 12
     cfg.optim.ema_decay = 0.99
     cfg.train.time_limit_min = 13.5  # training stops there; validation and the checkpoint follow
+    cfg.train.eval_every_steps = 300  # a learning curve with ~5 points; each validation costs ~10 s
     cfg.train.keep_checkpoints = 1
     cfg.train.cache_features = True
 
@@ -392,6 +395,9 @@ def validate(cfg: Config) -> None:
     if cfg.optim.lr_drop_step < 0:
         raise ValueError(f"optim.lr_drop_step must be >= 0 (0 = drop at epoch optim.lr_drop), "
                          f"got {cfg.optim.lr_drop_step}")
+    if cfg.train.eval_every_steps < 0:
+        raise ValueError(f"train.eval_every_steps must be >= 0 (0 = validate at epoch ends only), "
+                         f"got {cfg.train.eval_every_steps}")
     if cfg.train.keep_checkpoints < 0:
         raise ValueError(f"train.keep_checkpoints must be >= 0 (0 = keep all), got {cfg.train.keep_checkpoints}")
 

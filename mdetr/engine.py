@@ -1,4 +1,4 @@
-"""Training and evaluation loops: optimizer groups and schedule, EMA, one epoch of training, validation.
+"""The training loop: optimizer groups and schedule, EMA, one epoch of training (validation: ``mdetr.evaluate``).
 
 Nothing here syncs the host every step: losses are accumulated on the device and read every ``log_every`` steps.
 """
@@ -15,10 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mdetr import distributed as dist_utils
-from mdetr.boxes import box_cxcywh_to_xyxy
 from mdetr.config import OptimConfig
-from mdetr.evaluation.qa import QAEvaluator
-from mdetr.evaluation.refexp import RefExpEvaluator
 from mdetr.models import param_groups
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -114,8 +111,9 @@ def train_one_epoch(model: nn.Module, criterion, loader: Iterable, optimizer: to
                     optim_cfg: OptimConfig, total_steps: int, device: torch.device, precision: str,
                     log_every: int, max_steps: int = 0, deadline: Optional[float] = None,
                     on_log: Optional[Callable[[Dict[str, float]], None]] = None,
-                    progress=None) -> Dict[str, float]:
-    """One pass over ``loader``. Returns the epoch's mean of each logged loss."""
+                    progress=None, on_step: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+    """One pass over ``loader``. Returns the epoch's mean of each logged loss. ``on_step`` runs after every
+    optimizer step (and its logging); it may switch the model to eval mode, training resumes in train mode."""
     model.train()
     criterion.train()
     accum = max(1, optim_cfg.grad_accum)
@@ -182,46 +180,15 @@ def train_one_epoch(model: nn.Module, criterion, loader: Iterable, optimizer: to
                 break
         if max_steps and state.step >= max_steps:
             break
+        if on_step is not None:
+            on_step()
+            model.train()
+            criterion.train()
     if count:
         for k, v in sums.items():
             epoch_sums[k] = epoch_sums.get(k, 0.0) + v.item()
         epoch_count += count
     return {k: v / max(epoch_count, 1) for k, v in epoch_sums.items()}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device, precision: str,
-             qa_dataset: Optional[str] = None) -> Dict[str, float]:
-    """Referring-expression precision@1/5/10 (GIoU >= 0.5 with the first GT box of each sample) and, for a QA model,
-    answer accuracy overall and per answer type."""
-    model.eval()
-    refexp = RefExpEvaluator()
-    qa = QAEvaluator(qa_dataset) if qa_dataset is not None else None
-    for batch in loader:
-        batch = to_device(batch, device)
-        with autocast(device, precision):
-            outputs = model(batch["images"], batch["mask"], batch["captions"])
-        has_box = batch["num_targets"] > 0
-        if has_box.any():
-            probs = outputs["pred_logits"].float().softmax(-1)
-            scores = 1 - probs[..., -1]
-            pred = box_cxcywh_to_xyxy(outputs["pred_boxes"].float())
-            gt = box_cxcywh_to_xyxy(batch["boxes"][:, 0].float())
-            # normalized coordinates: IoU and GIoU are invariant to per-axis scaling, so no resize to pixels
-            refexp.update(pred[has_box], scores[has_box], gt[has_box])
-        if qa is not None and "answers" in batch:
-            qa.update(outputs, batch["answers"])
-    return _metrics_from_counts(refexp, qa)
-
-
-def _metrics_from_counts(refexp: RefExpEvaluator, qa: Optional[QAEvaluator]) -> Dict[str, float]:
-    """Sum raw counts over ranks (every rank takes part, with or without samples), then turn them into rates."""
-    refexp.synchronize()
-    metrics = refexp.summarize() if refexp.count > 0 else {}
-    if qa is not None:
-        qa.synchronize()
-        metrics.update(qa.summarize())
-    return metrics
 
 
 def _past(deadline: float) -> bool:

@@ -41,7 +41,7 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -160,7 +160,8 @@ def _update_grounding(evaluator: PhraseGroundingEvaluator, outputs: Dict[str, Te
 
 
 def _update_qa(evaluator: QAEvaluator, outputs: Dict[str, Tensor], batch: Dict[str, Any]) -> None:
-    evaluator.update(outputs, batch["answers"])
+    if "answers" in batch:  # a QA model validated on a file without questions has nothing to score
+        evaluator.update(outputs, batch["answers"])
 
 
 def _update_coco(evaluator: CocoEvaluator, outputs: Dict[str, Tensor], batch: Dict[str, Any]) -> None:
@@ -186,17 +187,26 @@ def make_evaluator(task: str, qa_dataset: Optional[str] = None, iou_type: str = 
 
 
 @torch.no_grad()
-def run_evaluator(model: torch.nn.Module, loader, task: str, evaluator, device: torch.device,
-                  precision: str = "fp32"):
-    """Feed every batch of ``loader`` through ``model`` into ``evaluator``, then synchronize it over ranks."""
+def run_evaluators(model: torch.nn.Module, loader, evaluators: Mapping[str, Any], device: torch.device,
+                   precision: str = "fp32") -> Mapping[str, Any]:
+    """Feed every batch of ``loader`` through ``model`` once, into each evaluator (task name -> evaluator), then
+    synchronize them over ranks. Returns ``evaluators``."""
     model.eval()
     for batch in loader:
         batch = to_device(batch, device)
         with autocast(device, precision):
             outputs = model(batch["images"], batch["mask"], batch["captions"])
-        UPDATES[task](evaluator, outputs, batch)
-    evaluator.synchronize()
-    return evaluator
+        for task, evaluator in evaluators.items():
+            UPDATES[task](evaluator, outputs, batch)
+    for evaluator in evaluators.values():
+        evaluator.synchronize()
+    return evaluators
+
+
+def run_evaluator(model: torch.nn.Module, loader, task: str, evaluator, device: torch.device,
+                  precision: str = "fp32"):
+    """``run_evaluators`` with one task; returns its evaluator."""
+    return run_evaluators(model, loader, {task: evaluator}, device, precision)[task]
 
 
 # ---------------------------------------------------------------------------------------------------------------

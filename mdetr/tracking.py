@@ -82,7 +82,7 @@ class RunLog:
                 ax_val.plot([r["step"] for r in val], [r.get(key, float("nan")) for r in val], marker="o",
                             label=key)
             ax_val.legend(fontsize="small")
-        ax_val.set(xlabel="optimizer step", ylabel="val", title="validation (after each epoch)", ylim=(0, 1))
+        ax_val.set(xlabel="optimizer step", ylabel="val", title="validation", ylim=(0, 1))
         fig.tight_layout()
         out = self.dir / "curves.png"
         fig.savefig(out, dpi=110)

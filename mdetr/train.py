@@ -26,8 +26,8 @@ from mdetr import config as config_mod
 from mdetr import distributed as dist_utils
 from mdetr.config import Config
 from mdetr.data import build_datasets, build_loader
-from mdetr.engine import ModelEMA, TrainState, evaluate, make_optimizer, steps_per_epoch, train_one_epoch, unwrap
-from mdetr.evaluate import make_evaluator, run_evaluator
+from mdetr.engine import ModelEMA, TrainState, make_optimizer, steps_per_epoch, train_one_epoch, unwrap
+from mdetr.evaluate import make_evaluator, run_evaluators
 from mdetr.losses.criterion import build_criterion
 from mdetr.models import build_from_config
 from mdetr.tracking import RunLog
@@ -154,6 +154,33 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
 
         progress = tqdm(total=total_steps, initial=min(state.step, total_steps), desc="train", unit="step",
                         dynamic_ncols=True, mininterval=2.0)
+
+    def validate_now(epoch_losses: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+        """Validates the EMA (or the model) at the current step and records it in the history, the log and the plot;
+        a second call at the same step (an epoch ending where a step interval did) reuses that record."""
+        last = state.history[-1] if state.history else None
+        if last is not None and (last["epoch"], last["step"]) == (state.epoch, state.step):
+            if epoch_losses and "loss" in epoch_losses:
+                last["train_loss"] = epoch_losses["loss"]
+            return {k: v for k, v in last.items() if k not in _RECORD_KEYS}
+        eval_model = ema.module if ema is not None else unwrap(model)
+        found = validate(cfg, eval_model, val_loader, device)
+        record = {"epoch": state.epoch, "step": state.step, "minutes": (time.perf_counter() - start) / 60,
+                  **{f"train_{k}": v for k, v in (epoch_losses or {}).items() if k == "loss"}, **found}
+        state.history.append(record)
+        if main:
+            log.log("val", record)
+            log.plot()
+            if progress is not None:
+                progress.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
+        return found
+
+    every = cfg.train.eval_every_steps
+
+    def on_step() -> None:
+        if every and state.step % every == 0:
+            validate_now()
+
     while state.epoch < cfg.optim.epochs:
         if cfg.train.max_steps and state.step >= cfg.train.max_steps:
             break
@@ -161,19 +188,9 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
         epoch_losses = train_one_epoch(
             model, criterion, train_loader, optimizer, scaler, ema, state, cfg.optim, total_steps, device,
             cfg.train.precision, cfg.train.log_every, cfg.train.max_steps, deadline, on_log=log_train if main else on_log,
-            progress=progress)
+            progress=progress, on_step=on_step if every else None)
         if (state.epoch + 1) % cfg.train.eval_every == 0 or state.epoch + 1 == cfg.optim.epochs:
-            eval_model = ema.module if ema is not None else unwrap(model)
-            metrics = validate(cfg, eval_model, val_loader, device)
-            record = {"epoch": state.epoch, "step": state.step, "minutes": (time.perf_counter() - start) / 60,
-                      **{f"train_{k}": v for k, v in epoch_losses.items() if k == "loss"}, **metrics}
-            state.history.append(record)
-            if main:
-                log.log("val", record)
-                log.plot()
-                if progress is not None:
-                    progress.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                               for k, v in record.items()}))
+            metrics = validate_now(epoch_losses)
         if main:
             ckpt.save_checkpoint(out_dir, {
                 "model": unwrap(model).state_dict(),
@@ -206,14 +223,27 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
     return {"metrics": metrics, "state": state, "minutes": (time.perf_counter() - start) / 60}
 
 
+_RECORD_KEYS = ("epoch", "step", "minutes", "train_loss")
+
+
 def validate(cfg: Config, model: torch.nn.Module, loader, device: torch.device) -> Dict[str, float]:
     """The validation metrics of ``train.eval_task``: "refexp" gives precision@k (and QA accuracy for QA models),
-    "grounding" the Flickr30k Recall@k (any-box and merged-box)."""
+    "grounding" the Flickr30k Recall@k (any-box and merged-box). One pass; the evaluators of ``mdetr.evaluate``."""
     if cfg.train.eval_task == "grounding":
-        grounding = run_evaluator(model, loader, "grounding", make_evaluator("grounding"), device,
-                                  cfg.train.precision)
-        return grounding.summarize()
-    return evaluate(model, loader, device, cfg.train.precision, cfg.model.qa_dataset)
+        tasks = ["grounding"]
+    else:
+        tasks = ["refexp"] + (["qa"] if cfg.model.qa_dataset is not None else [])
+    evaluators = {task: make_evaluator(task, cfg.model.qa_dataset) for task in tasks}
+    return merged_metrics(run_evaluators(model, loader, evaluators, device, cfg.train.precision))
+
+
+def merged_metrics(evaluators: Dict[str, object]) -> Dict[str, float]:
+    """One flat dict of every (synchronized) evaluator's metrics; an evaluator that saw no sample adds none."""
+    metrics: Dict[str, float] = {}
+    for evaluator in evaluators.values():
+        if getattr(evaluator, "count", 1) > 0:
+            metrics.update(evaluator.summarize())
+    return metrics
 
 
 def _gather_rng(world: int) -> object:

@@ -138,18 +138,18 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
 
 def test_validation_metrics_come_from_counts():
-    from mdetr.engine import _metrics_from_counts
     from mdetr.evaluation.qa import QAEvaluator
     from mdetr.evaluation.refexp import RefExpEvaluator
+    from mdetr.train import merged_metrics
 
     qa = QAEvaluator("clevr")
     qa.update_correct(torch.tensor([True, False, True]), torch.tensor([True, True, False]), torch.tensor([0, 0, 2]))
-    metrics = _metrics_from_counts(RefExpEvaluator(), qa)
+    metrics = merged_metrics({"refexp": RefExpEvaluator(), "qa": qa})
     assert metrics == pytest.approx({"qa_accuracy": 2 / 3, "qa_type_accuracy": 2 / 3, "qa_accuracy_type0": 0.5,
                                      "qa_accuracy_type2": 1.0})
     refexp = RefExpEvaluator(ks=(1,))
     refexp.update(torch.tensor([[[0.0, 0, 1, 1]], [[2.0, 2, 3, 3]]]), torch.ones(2, 1), torch.tensor([[0.0, 0, 1, 1]] * 2))
-    assert _metrics_from_counts(refexp, None) == {"precision@1": 0.5}
+    assert merged_metrics({"refexp": refexp, "qa": QAEvaluator("clevr")}) == {"precision@1": 0.5}
 
 
 def test_ema_averages_trainable_parameters_and_copies_buffers():
@@ -188,3 +188,24 @@ def test_lr_schedule_drops_at_the_epoch_or_the_step():
     assert lrs(0, 50)[:2] == [1e-4, 1e-5]
     with pytest.raises(ValueError, match="optim.lr_drop_step must be >= 0"):
         C.resolve("shapes", None, ["--optim.lr_drop_step=-1"])
+
+
+def test_step_interval_validates_within_epochs_once_per_step(shapes_root, tmp_path):
+    # validations at steps 2, 4, ...; an epoch that ends on such a step reuses its record, one that does not adds one
+    cfg = tiny_config(shapes_root, str(tmp_path / "run"), **{"train.eval_every_steps": 2, "optim.epochs": 2})
+    _, result = train_losses(cfg)
+    per_epoch = result["state"].step // 2
+    expected = sorted({(e, s) for e in range(2) for s in range(e * per_epoch + 1, (e + 1) * per_epoch + 1)
+                       if s % 2 == 0 or s == (e + 1) * per_epoch})
+    history = result["state"].history
+    assert [(r["epoch"], r["step"]) for r in history] == expected and len(expected) >= 3
+    assert "precision@1" in history[0]
+    assert ["train_loss" in r for r in history] == [s == (e + 1) * per_epoch for e, s in expected]
+    assert result["metrics"]["precision@1"] == history[-1]["precision@1"]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert sum('"val"' in line for line in lines) == len(expected)
+
+
+def test_negative_step_interval_is_rejected():
+    with pytest.raises(ValueError, match="train.eval_every_steps must be >= 0"):
+        C.resolve("shapes", None, ["--train.eval_every_steps=-1"])

@@ -203,9 +203,9 @@ def _shapes_fine_tune(cfg: Config, task: str) -> None:
     cfg.train.output_dir = f"runs/{task}"
     cfg.optim.lr = 1e-4  # from trained weights: the reference's (pre-training above uses 4e-4);
     # 4e-4 here measured no better (refexp val precision@1 0.528 vs 0.554)
-    cfg.train.eval_every_steps = 0  # epochs here are ~110-160 steps: a validation after each is curve enough
-    cfg.optim.epochs = 30  # the task files are smaller than the mixed one (~110-160 steps per epoch): the time
-    cfg.optim.lr_drop = 30  # limit ends training first
+    cfg.train.eval_every_steps = 0  # validations at the epochs' ends only: each costs training time
+    cfg.optim.epochs = 30  # 375 (grounding), 528 (refexp) or 750 (QA) steps per epoch: the time limit ends
+    cfg.optim.lr_drop = 30  # training first, in the second or third epoch
 
 
 def _refexp(cfg: Config) -> None:

@@ -155,25 +155,25 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
         progress = tqdm(total=total_steps, initial=min(state.step, total_steps), desc="train", unit="step",
                         dynamic_ncols=True, mininterval=2.0)
 
-    def validate_now(epoch_losses: Optional[Dict[str, float]] = None) -> Dict[str, float]:
-        """Validates the EMA (or the model) at the current step and records it in the history, the log and the plot;
-        a second call at the same step (an epoch ending where a step interval did) reuses that record."""
+    def validate_now(epoch_losses: Optional[Dict[str, float]] = None) -> None:
+        """Validates the EMA (or the model) at the current step into ``metrics``, the history, the log and the plot.
+        An epoch that ends on a step that was just validated only adds its training loss to that record."""
+        nonlocal metrics
         last = state.history[-1] if state.history else None
+        train_loss = {"train_loss": epoch_losses["loss"]} if epoch_losses and "loss" in epoch_losses else {}
         if last is not None and (last["epoch"], last["step"]) == (state.epoch, state.step):
-            if epoch_losses and "loss" in epoch_losses:
-                last["train_loss"] = epoch_losses["loss"]
-            return {k: v for k, v in last.items() if k not in _RECORD_KEYS}
+            last.update(train_loss)
+            return
         eval_model = ema.module if ema is not None else unwrap(model)
-        found = validate(cfg, eval_model, val_loader, device)
+        metrics = validate(cfg, eval_model, val_loader, device)
         record = {"epoch": state.epoch, "step": state.step, "minutes": (time.perf_counter() - start) / 60,
-                  **{f"train_{k}": v for k, v in (epoch_losses or {}).items() if k == "loss"}, **found}
+                  **train_loss, **metrics}
         state.history.append(record)
         if main:
             log.log("val", record)
             log.plot()
             if progress is not None:
                 progress.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
-        return found
 
     every = cfg.train.eval_every_steps
 
@@ -190,7 +190,7 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
             cfg.train.precision, cfg.train.log_every, cfg.train.max_steps, deadline, on_log=log_train if main else on_log,
             progress=progress, on_step=on_step if every else None)
         if (state.epoch + 1) % cfg.train.eval_every == 0 or state.epoch + 1 == cfg.optim.epochs:
-            metrics = validate_now(epoch_losses)
+            validate_now(epoch_losses)
         if main:
             ckpt.save_checkpoint(out_dir, {
                 "model": unwrap(model).state_dict(),
@@ -221,9 +221,6 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
                  f"longer padding), reused {text_cache.hits} times" if text_cache is not None else ""))
     log.close()
     return {"metrics": metrics, "state": state, "minutes": (time.perf_counter() - start) / 60}
-
-
-_RECORD_KEYS = ("epoch", "step", "minutes", "train_loss")
 
 
 def validate(cfg: Config, model: torch.nn.Module, loader, device: torch.device) -> Dict[str, float]:

@@ -11,8 +11,8 @@ Backends (chosen only by ``detr_kernels._backend.resolve``):
   accumulation). Key padding is skipped, not masked: keys are visited in a per-sample order with the valid ones
   first, so tiles of padding are never computed. Dropout is drawn in the kernel (Philox keyed by a seed drawn
   from PyTorch's generator on each call) and regenerated in the backward.
-- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with a boolean mask (what ``--fused`` runs
-  on CPU), PyTorch's dropout.
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with a boolean mask (what ``backend="auto"``
+  and ``--fused`` run, on CPU and on CUDA: ``detr_kernels._backend`` says why), PyTorch's dropout.
 - ``reference``: ``attention_reference``, plain PyTorch math, float64-capable, PyTorch's dropout.
 
 A batch element whose keys are ALL padded: ``triton`` and ``sdpa`` return zeros for it (and zero gradients);
@@ -202,8 +202,8 @@ def attention(
 
     ``key_padding_mask`` (B, Lk) bool, True = ignore. ``dropout_p`` is applied whenever it is > 0 (like
     ``F.scaled_dot_product_attention``: pass 0.0 in eval mode). ``softmax_scale`` defaults to D ** -0.5.
-    ``backend``: "auto" (Triton on CUDA, SDPA on CPU), "triton", "sdpa" or "reference"; see the module doc for
-    what each returns for an all-padded batch element.
+    ``backend``: "auto" (SDPA, see ``detr_kernels._backend``), "triton", "sdpa" or "reference"; see the module
+    doc for what each returns for an all-padded batch element.
     """
     _check_inputs(q, k, v, key_padding_mask, dropout_p)
     name = resolve("attention", backend, q.device)

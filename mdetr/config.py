@@ -99,7 +99,7 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"  # "auto", "cpu", "cuda"
     precision: str = "fp32"  # "fp32", "bf16" or "fp16" autocast; matcher and losses always run in fp32
-    fused: bool = False  # detr_kernels' fused backends (Triton on CUDA, compiled C++ / SDPA on CPU)
+    fused: bool = False  # detr_kernels' backends: SDPA attention, compiled matcher, Triton losses on CUDA
     resume: str = ""  # "", "auto" (latest checkpoint in output_dir) or a checkpoint path
     load: str = ""  # fine-tuning: start from this checkpoint's (EMA) weights, with a fresh optimizer and schedule
     log_every: int = 20  # steps between host syncs for logging

@@ -339,6 +339,68 @@ def test_sdpa_attention_backend_matches_reference(model):
         assert_close(actual[key], expected[key], atol=1e-4, what=key)
 
 
+def fused_vs_reference_step(device, arch, batch_size, transforms, tmp_path, requested=None):
+    """Losses and parameter gradients of one training batch (shapes-world samples through the real data path) on
+    the reference path and on ``--fused``'s backends for ``device`` (``requested``: explicit backends instead of
+    ``auto`` for some ops), from the same weights, dropout off."""
+    import detr_kernels
+    from mdetr.data import ModulatedDetection, collate_fn, make_transforms
+    from mdetr.data.synthetic import generate_shapes_dataset
+    from mdetr.engine import to_device
+    from mdetr.losses.criterion import build_criterion
+    from mdetr.config import LossConfig
+    from mdetr.pretrained import load_tokenizer
+
+    generate_shapes_dataset(tmp_path, num_train=batch_size, num_val=1, num_test=1, seed=3)
+    data = ModulatedDetection(tmp_path / "images", tmp_path / "annotations" / "shapes_pretrain_train.json",
+                              load_tokenizer("all-MiniLM-L6-v2"), make_transforms("train", transforms))
+    torch.manual_seed(1)  # the train recipe's random sizes: a padded batch
+    batch = to_device(collate_fn([data[i] for i in range(batch_size)]), device)
+    results = {}
+    for fused in (False, True):
+        backends = detr_kernels.describe(device, requested) if fused else dict(detr_kernels.REFERENCE_BACKENDS)
+        torch.manual_seed(0)
+        model = build_mdetr(**arch, dropout=0.0, attention_backend=backends["attention"]).to(device).train()
+        criterion = build_criterion(LossConfig(), arch["dec_layers"], None, backends)
+        losses = criterion(model(batch["images"], batch["mask"], batch["captions"]), batch)
+        criterion.total(losses).backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[fused] = ({k: v.detach() for k, v in losses.items()}, grads, backends)
+    return results
+
+
+def assert_same_step(results, loss_rtol, grad_rtol):
+    (ref_losses, ref_grads, _), (losses, grads, backends) = results[False], results[True]
+    assert set(losses) == set(ref_losses)
+    for key in ref_losses:
+        assert_close(losses[key], ref_losses[key], atol=loss_rtol * 1e-2, rtol=loss_rtol, what=f"{key} {backends}")
+    assert set(grads) == set(ref_grads) and len(grads) > 100
+    total = torch.sqrt(sum(g.double().pow(2).sum() for g in ref_grads.values()))
+    floor = 1e-4 * total / math.sqrt(len(ref_grads))  # tensors with almost no gradient: judged on this scale
+    worst = max((((grads[n] - g).double().norm() / max(g.double().norm(), floor)).item(), n)
+                for n, g in ref_grads.items())
+    assert worst[0] < grad_rtol, f"gradient of {worst[1]}: relative error {worst[0]:.3g} with {backends}"
+
+
+def test_fused_backends_give_the_reference_step_on_cpu(tmp_path, one_thread):
+    """``--fused`` on the CPU (SDPA attention, the compiled or scipy matcher, the reference losses): the same losses
+    and gradients as the reference path on a padded batch of real samples."""
+    results = fused_vs_reference_step(torch.device("cpu"), TINY, 2, "shapes", tmp_path)
+    assert_same_step(results, loss_rtol=1e-4, grad_rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fused_model_step_matches_reference(tmp_path):
+    """On CUDA at the paper's sizes (d_model 256, 8 heads, 6 + 6 layers, 100 queries, MDETR's train image sizes,
+    fp32): Triton attention (explicit: ``auto`` picks SDPA) and losses and the CUDA matcher give the reference
+    path's losses and gradients."""
+    arch = dict(d_model=256, nheads=8, enc_layers=6, dec_layers=6, dim_feedforward=2048, num_queries=100)
+    results = fused_vs_reference_step(torch.device("cuda"), arch, 4, "mdetr", tmp_path, {"attention": "triton"})
+    assert results[True][2]["attention"] == "triton" and results[True][2]["matcher"] == "cuda"
+    assert_same_step(results, loss_rtol=1e-3, grad_rtol=1e-2)
+
+
 # ---- post-processing ------------------------------------------------------------------------------------------
 
 def test_postprocess_scores_and_absolute_boxes():

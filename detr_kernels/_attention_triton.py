@@ -260,26 +260,38 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 _INTERPRETER_TILES = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
 
-# (kernel, wide) -> tiles. ``fwd`` and ``dq`` hold BLOCK_M queries and stream keys; ``dkdv`` holds BLOCK_N keys
-# and streams queries. "wide" (fp32 inputs or head dim 128) doubles the register and shared-memory footprint,
-# hence smaller streamed tiles and fewer pipeline stages. The narrow tiles are the fastest of a sweep on an H200
-# (benchmarks/gpu/tune_attention.py: bf16, D=32, B=16, L=1000, 30% padding; kernel times fwd 0.075 -> 0.063 ms,
-# backward 0.191 -> 0.171 ms against the tiles before); the wide ones are not tuned.
+# (kernel, class) -> tiles. ``fwd`` and ``dq`` hold BLOCK_M queries and stream keys; ``dkdv`` holds BLOCK_N keys
+# and streams queries. Classes: "narrow" (fp16/bf16, head dim 16 or 32: MDETR's 256 / 8 heads), "d64" (fp16/bf16,
+# head dim 64) and "wide" (fp32 inputs or head dim 128: twice the register and shared-memory footprint, hence
+# smaller streamed tiles and fewer pipeline stages). The narrow tiles are the fastest of a sweep on an H200
+# (benchmarks/gpu/tune_attention.py: bf16, D=32, B=16, L=1000, 30% padding; GPU time, profiler: forward 0.075 ->
+# 0.064 ms, backward 0.193 -> 0.167 ms, against the tiles before, which "d64" keeps: the swept forward tile would
+# need ~100 KB of shared memory at head dim 64, more than some GPUs give a block). "d64" and "wide" are not tuned.
 _GPU_TILES = {
-    ("fwd", False): dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
-    ("fwd", True): dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
-    ("dq", False): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    ("dq", True): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-    ("dkdv", False): dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2),
-    ("dkdv", True): dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+    ("fwd", "narrow"): dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+    ("fwd", "d64"): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    ("fwd", "wide"): dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+    ("dq", "narrow"): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    ("dq", "d64"): dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
+    ("dq", "wide"): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+    ("dkdv", "narrow"): dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2),
+    ("dkdv", "d64"): dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3),
+    ("dkdv", "wide"): dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
 }
+
+
+def tile_class(head_dim: int, dtype: torch.dtype) -> str:
+    """Which row of ``_GPU_TILES`` serves inputs of this head dim and dtype."""
+    if head_dim >= 128 or dtype == torch.float32:
+        return "wide"
+    return "d64" if head_dim == 64 else "narrow"
 
 
 def _tiles(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes of one kernel; fixed, not autotuned, so compile time stays predictable in the GPU runbook."""
     if triton_interpreted():
         return dict(_INTERPRETER_TILES)
-    return dict(_GPU_TILES[kernel, head_dim >= 128 or dtype == torch.float32])
+    return dict(_GPU_TILES[kernel, tile_class(head_dim, dtype)])
 
 
 def _strides3(t: torch.Tensor) -> Tuple[int, int, int]:

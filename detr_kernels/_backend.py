@@ -17,11 +17,11 @@ soft_token     triton, reference                            reference (+ triton 
 =============  ===========================================  ===============================
 
 Attention on CUDA prefers SDPA to the Triton kernels by measurement (benchmarks/RESULTS.md, H200, bf16, MDETR's
-shapes): the Triton kernels take less GPU time than cuDNN's at large shapes (B=32, L=1400: forward + backward
-1.42x faster in wall time), but each call costs about 0.9 ms of host time (key compaction, four launches,
-autograd), so at MDETR's per-GPU batches (B <= 16) SDPA is 1.2x to 4x faster in wall time, and a training step
-of the paper's model with the Triton attention was 0.84-0.91x as fast as the reference. ``backend="triton"``
-still selects the kernels.
+shapes, three runs). The Triton op's kernels take 0.26 ms of GPU time for forward + backward at B=16, L=1000, but
+a call costs ~1 ms of host time (key compaction, four launches, autograd): 0.75-2.2 ms of wall time at every
+benchmarked shape. So at MDETR's per-GPU batches (B <= 16) SDPA is 1.1x to 4x faster in wall time, the Triton op
+wins only at the largest shape (B=32, L=1400: 1.09-1.42x), and a training step of the paper's model with the
+Triton attention was 0.84-0.91x as fast as the reference. ``backend="triton"`` still selects the kernels.
 """
 from __future__ import annotations
 

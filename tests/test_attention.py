@@ -198,6 +198,17 @@ def test_sdpa_and_reference_backends_agree(case):
         assert_close_verbose(g, w, 1e-10, 1e-10, f"sdpa {name}")
 
 
+def test_auto_picks_sdpa_for_attention_on_every_device():
+    """By measurement (detr_kernels._backend's doc): the Triton op is host-bound at MDETR's sizes."""
+    from detr_kernels._attention_triton import tile_class
+    from detr_kernels._backend import auto_choice
+
+    assert auto_choice("attention", "cuda") == "sdpa" and auto_choice("attention", "cpu") == "sdpa"
+    assert [tile_class(d, t) for d, t in ((16, torch.bfloat16), (32, torch.float16), (64, torch.bfloat16),
+                                          (128, torch.float16), (32, torch.float32))] == \
+        ["narrow", "narrow", "d64", "wide", "wide"]
+
+
 def test_auto_backend_and_input_errors():
     q, k, v = qkv(1, 1, 4, 6, 32, torch.float32)
     mask = torch.zeros(1, 6, dtype=torch.bool, device=DEVICE)

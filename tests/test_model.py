@@ -342,7 +342,8 @@ def test_sdpa_attention_backend_matches_reference(model):
 def fused_vs_reference_step(device, arch, batch_size, transforms, tmp_path, requested=None):
     """Losses and parameter gradients of one training batch (shapes-world samples through the real data path) on
     the reference path and on ``--fused``'s backends for ``device`` (``requested``: explicit backends instead of
-    ``auto`` for some ops), from the same weights, dropout off."""
+    ``auto`` for some ops), from the same weights, the transformer's dropout off (the text encoder's stays on: both
+    paths draw it from the same random stream)."""
     import detr_kernels
     from mdetr.data import ModulatedDetection, collate_fn, make_transforms
     from mdetr.data.synthetic import generate_shapes_dataset
@@ -391,13 +392,16 @@ def test_fused_backends_give_the_reference_step_on_cpu(tmp_path, one_thread):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_fused_model_step_matches_reference(tmp_path):
+@pytest.mark.parametrize("attention", ["auto", "triton"])
+def test_gpu_fused_model_step_matches_reference(tmp_path, attention):
     """On CUDA at the paper's sizes (d_model 256, 8 heads, 6 + 6 layers, 100 queries, MDETR's train image sizes,
-    fp32): Triton attention (explicit: ``auto`` picks SDPA) and losses and the CUDA matcher give the reference
-    path's losses and gradients."""
+    fp32): ``--fused``'s backends (SDPA attention, the CUDA matcher, the Triton losses), and the same with the
+    Triton attention, give the reference path's losses and gradients."""
     arch = dict(d_model=256, nheads=8, enc_layers=6, dec_layers=6, dim_feedforward=2048, num_queries=100)
-    results = fused_vs_reference_step(torch.device("cuda"), arch, 4, "mdetr", tmp_path, {"attention": "triton"})
-    assert results[True][2]["attention"] == "triton" and results[True][2]["matcher"] == "cuda"
+    results = fused_vs_reference_step(torch.device("cuda"), arch, 4, "mdetr", tmp_path, {"attention": attention})
+    backends = results[True][2]
+    assert backends["attention"] == ("sdpa" if attention == "auto" else "triton")
+    assert (backends["matcher"], backends["contrastive"], backends["soft_token"]) == ("cuda", "triton", "triton")
     assert_same_step(results, loss_rtol=1e-3, grad_rtol=1e-2)
 
 

@@ -112,10 +112,11 @@ def targets(rows: List[dict]) -> str:
         add(f"{op} fwd+bwd B32: kernel launches", launches, "<= 4", launches is not None and launches <= 4, "{:d}")
     for b in sorted({i.get("shape") for i in (r.get("extra_info", {}) for r in rows) if i.get("op") == "train_step"},
                     key=str):
-        r = _ratio(_median(rows, op="train_step", provider="reference", shape=b),
-                   _median(rows, op="train_step", provider="fused", shape=b))
-        out.append(f"| MDETR train step {b}: reference / --fused | {'n/a' if r is None else f'{r:.2f}x'} | "
-                   f"(no target) | |")
+        for provider in ("fused", "fused_triton"):
+            r = _ratio(_median(rows, op="train_step", provider="reference", shape=b),
+                       _median(rows, op="train_step", provider=provider, shape=b))
+            if r is not None:
+                out.append(f"| MDETR train step {b}: reference / {provider} | {r:.2f}x | (no target) | |")
     return "\n".join(out)
 
 
@@ -166,8 +167,9 @@ def main() -> None:
     tests = ""
     if args.tests_log and Path(args.tests_log).exists():
         last = [ln for ln in Path(args.tests_log).read_text().splitlines()
-                if re.search(r"passed|failed|error|skipped", ln)]
-        tests = f"\nGPU correctness tests: `{last[-1].strip('= ') if last else 'no result line'}`\n"
+                if re.match(r"=* ?\d+ (passed|failed|error|skipped|deselected)", ln) or ln.startswith("CUT")]
+        shown = " / ".join(ln.strip("= ") for ln in last[-2:]) if last else "no pytest summary line (cut short?)"
+        tests = f"\nGPU correctness tests: `{shown}`\n"
     goals, every = targets(rows), table(rows)
     section = f"{head}{tests}\n### Targets\n\n{goals}\n\n### All rows\n\n{every}\n"
     print(f"{every}\n\n{head}{tests}\n{goals}")  # the targets last: a truncated log keeps its tail

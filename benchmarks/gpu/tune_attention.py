@@ -2,8 +2,9 @@
 
 1. Where the time goes: wall time per call of the public op (synchronized, as the benchmarks time it) against the
    GPU time of its kernels (profiler), forward (no grad) and forward + backward.
-2. Each kernel (fwd, dkdv, dq) over candidate tiles, timed alone with CUDA-graph replay (GPU time only), at
-   B=16, L=1000 with 30% of keys padded; each candidate's output is checked against the current tiles'.
+2. Each kernel (fwd, dkdv, dq) over candidate tiles, timed with CUDA-graph replay (GPU time only; dq and dkdv
+   candidates time the whole backward), at B=16, L=1000 with 30% of keys padded; each candidate's output is
+   checked against that of the tiles in the source.
 3. A cProfile of the host side of forward + backward calls.
 4. Optionally (``--bench``) the attention benchmarks and the model step, in this process, with the best tiles
    patched in, so their JSON shows what those tiles give end to end.
@@ -27,7 +28,7 @@ from detr_kernels import _attention_triton as kernels
 from detr_kernels.attention import attention, key_order
 
 B, H, L, D = 16, 8, 1000, 32
-CANDIDATES = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first is the tiles before the H200 sweep
+CANDIDATES = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first: the tiles before the 2026-11-27 H200 sweep
     "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3),
             (128, 128, 4, 2), (64, 32, 4, 4), (128, 64, 4, 4), (64, 64, 4, 2)],
     "dq": [(128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2),
@@ -103,7 +104,6 @@ def sweep(report):
     kv_idx, kv_len = key_order(mask)
     scale = D ** -0.5
     out = torch.empty_like(q)
-    kernels._GPU_TILES[("fwd", False)] = tiles(CANDIDATES["fwd"][0])
     _, lse = kernels.flash_attention_forward(q, k, v, out, kv_idx, kv_len, None, 0.0, scale)
     ref_out = out.clone()
     grads = [torch.empty_like(t) for t in (q, k, v)]
@@ -114,7 +114,7 @@ def sweep(report):
         rows = []
         for c in cands:
             saved = dict(kernels._GPU_TILES)
-            kernels._GPU_TILES[(kernel, False)] = tiles(c)
+            kernels._GPU_TILES[(kernel, "narrow")] = tiles(c)
             try:
                 if kernel == "fwd":
                     o = torch.full_like(q, float("nan"))
@@ -137,11 +137,17 @@ def sweep(report):
                 kernels._GPU_TILES.clear()
                 kernels._GPU_TILES.update(saved)
             rows.append((ms, c, err, ok))
-            report.append(dict(what="sweep", kernel=kernel, tiles=c, ms=ms, max_err=err, ok=ok))
+            report.append(dict(what="sweep", kernel=kernel, tiles=c, ms=ms if ok else None,
+                               max_err=err if err == err else None, ok=ok))  # JSON has no inf / nan
             print(f"  {kernel:5s} {str(c):18s} {ms:.4f} ms  max|diff| {err:.3g}{'' if ok else '  REJECTED'}")
         good = [r for r in rows if r[3]]
-        best[kernel] = min(good)[1] if good else cands[0]
-        print(f"best {kernel}: {best[kernel]} ({min(good)[0]:.4f} ms; current {rows[0][0]:.4f} ms)")
+        if not good:
+            best[kernel] = tuple(kernels._GPU_TILES[kernel, "narrow"][key] for key in
+                                 ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+            print(f"best {kernel}: no candidate passed; keeping the tiles in the source {best[kernel]}")
+            continue
+        best[kernel] = min(good)[1]
+        print(f"best {kernel}: {best[kernel]} ({min(good)[0]:.4f} ms; first candidate {rows[0][0]:.4f} ms)")
     return best
 
 
@@ -184,12 +190,12 @@ def main():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     breakdown(report)
     if args.no_sweep:
-        best = {kernel: tuple(kernels._GPU_TILES[kernel, False][key] for key in
+        best = {kernel: tuple(kernels._GPU_TILES[kernel, "narrow"][key] for key in
                               ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")) for kernel in CANDIDATES}
     else:
         best = sweep(report)
         for kernel, c in best.items():
-            kernels._GPU_TILES[(kernel, False)] = tiles(c)
+            kernels._GPU_TILES[(kernel, "narrow")] = tiles(c)
         print("best tiles:", {k: tiles(c) for k, c in best.items()})
         breakdown(report)
     host_profile(report)

@@ -43,7 +43,8 @@ class RunLog:
         tmp.replace(self.path)
 
     def log(self, kind: str, record: Dict[str, float]) -> None:
-        """``kind`` is "train" (per logging interval) or "val" (per validation)."""
+        """``kind`` is "train" (per logging interval), "val" (per validation) or "epoch" (an epoch's mean training
+        loss, at its end)."""
         if not self.enabled:
             return
         with self.path.open("a") as f:

@@ -161,6 +161,8 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
         nonlocal metrics
         last = state.history[-1] if state.history else None
         train_loss = {"train_loss": epoch_losses["loss"]} if epoch_losses and "loss" in epoch_losses else {}
+        if main and train_loss:  # every epoch's mean training loss, validated at its end or not
+            log.log("epoch", {"epoch": state.epoch, "step": state.step, **train_loss})
         if last is not None and (last["epoch"], last["step"]) == (state.epoch, state.step):
             last.update(train_loss)
             return

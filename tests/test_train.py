@@ -1,5 +1,6 @@
 """Training end to end on tiny settings: the loss falls, resume is exact, and 2-process DDP (gloo) gives the
 gradients of one process."""
+import json
 import os
 
 import pytest
@@ -202,8 +203,11 @@ def test_step_interval_validates_within_epochs_once_per_step(shapes_root, tmp_pa
     assert "precision@1" in history[0]
     assert ["train_loss" in r for r in history] == [s == (e + 1) * per_epoch for e, s in expected]
     assert result["metrics"]["precision@1"] == history[-1]["precision@1"]
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert sum('"val"' in line for line in lines) == len(expected)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "val" for r in lines) == len(expected)
+    epochs = [r for r in lines if r["kind"] == "epoch"]  # every epoch's training loss, also where it was deduped
+    assert [(r["epoch"], r["step"]) for r in epochs] == [(e, (e + 1) * per_epoch) for e in range(2)]
+    assert [r["train_loss"] for r in epochs] == [r["train_loss"] for r in history if "train_loss" in r]
 
 
 def test_negative_step_interval_is_rejected():

@@ -161,8 +161,6 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
         nonlocal metrics
         last = state.history[-1] if state.history else None
         train_loss = {"train_loss": epoch_losses["loss"]} if epoch_losses and "loss" in epoch_losses else {}
-        if main and train_loss:  # every epoch's mean training loss, validated at its end or not
-            log.log("epoch", {"epoch": state.epoch, "step": state.step, **train_loss})
         if last is not None and (last["epoch"], last["step"]) == (state.epoch, state.step):
             last.update(train_loss)
             return
@@ -191,6 +189,8 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
             model, criterion, train_loader, optimizer, scaler, ema, state, cfg.optim, total_steps, device,
             cfg.train.precision, cfg.train.log_every, cfg.train.max_steps, deadline, on_log=log_train if main else on_log,
             progress=progress, on_step=on_step if every else None)
+        if main and "loss" in epoch_losses:  # every epoch's mean training loss, validated at its end or not
+            log.log("epoch", {"epoch": state.epoch, "step": state.step, "train_loss": epoch_losses["loss"]})
         if (state.epoch + 1) % cfg.train.eval_every == 0 or state.epoch + 1 == cfg.optim.epochs:
             validate_now(epoch_losses)
         if main:

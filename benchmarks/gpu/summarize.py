@@ -40,21 +40,21 @@ def _versions() -> str:
     return ", ".join(parts)
 
 
+def _row(rows: List[dict], **want) -> Optional[dict]:
+    """The first benchmark whose extra_info has every ``want`` value (None when absent)."""
+    return next((b for b in rows if all(b.get("extra_info", {}).get(k) == v for k, v in want.items())), None)
+
+
 def _median(rows: List[dict], **want) -> Optional[float]:
-    """Median seconds of the one row whose extra_info has every ``want`` value (None when absent)."""
-    for b in rows:
-        info = b.get("extra_info", {})
-        if all(info.get(k) == v for k, v in want.items()):
-            return b["stats"]["median"]
-    return None
+    """Median seconds of that benchmark."""
+    row = _row(rows, **want)
+    return None if row is None else row["stats"]["median"]
 
 
 def _info(rows: List[dict], key: str, **want):
-    for b in rows:
-        info = b.get("extra_info", {})
-        if all(info.get(k) == v for k, v in want.items()):
-            return info.get(key)
-    return None
+    """One extra_info field of that benchmark."""
+    row = _row(rows, **want)
+    return None if row is None else row["extra_info"].get(key)
 
 
 def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:

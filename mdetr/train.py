@@ -82,9 +82,10 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
 
     train_set, val_set = build_datasets(cfg.data, cfg.model.text_encoder, is_main=main)
     train_loader = build_loader(train_set, cfg.data.batch_size, shuffle=True, num_workers=cfg.data.num_workers,
-                                seed=cfg.train.seed, distributed=world > 1, rank=rank)
+                                seed=cfg.train.seed, distributed=world > 1, rank=rank,
+                                aspect_groups=cfg.data.aspect_groups)
     val_loader = build_loader(val_set, cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
-                              seed=cfg.train.seed, distributed=world > 1)
+                              seed=cfg.train.seed, distributed=world > 1, aspect_groups=cfg.data.aspect_groups)
 
     model = build_from_config(cfg.model, attention_backend=backends["attention"]).to(device)
     criterion = build_criterion(cfg.loss, cfg.model.dec_layers, cfg.model.qa_dataset, backends)

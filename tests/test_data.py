@@ -12,6 +12,7 @@ from mdetr.boxes import (box_cxcywh_to_xyxy, box_iou, box_xywh_to_xyxy, box_xyxy
                          elementwise_generalized_box_iou, generalized_box_iou)
 from mdetr.config import DataConfig
 from mdetr.data import ModulatedDetection, build_dataset, build_loader, collate_fn, create_positive_map
+from mdetr.data.sampler import GroupedBatchSampler, aspect_ratios, quantile_groups
 from mdetr.data.synthetic import COLORS, generate_shapes_dataset
 from mdetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomCropKeepingBoxes, make_transforms
 from mdetr.pretrained import load_tokenizer
@@ -346,6 +347,82 @@ def test_loader_shuffle_is_seeded(world, tokenizer):
         return [t["image_id"] for t in next(iter(loader))["targets"]]
 
     assert order(1, 0) == order(1, 0) and order(1, 0) != order(1, 1) and order(1, 0) != order(2, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# aspect-ratio grouping
+
+@pytest.mark.parametrize("n, batch_size, num_groups, drop_last", [(37, 4, 3, False), (37, 4, 3, True),
+                                                                  (8, 8, 2, False), (5, 8, 4, False),
+                                                                  (64, 5, 1, True)])
+def test_grouped_batches_keep_every_index_and_the_batch_count(n, batch_size, num_groups, drop_last):
+    rng = random.Random(n * batch_size + num_groups)
+    groups = [rng.randrange(num_groups) for _ in range(n)]
+    order = list(range(n))
+    rng.shuffle(order)
+    batches = list(GroupedBatchSampler(order, groups, batch_size, drop_last))
+    sampler = GroupedBatchSampler(order, groups, batch_size, drop_last)
+    assert len(batches) == len(sampler) == (n // batch_size if drop_last else -(-n // batch_size))
+    seen = [i for batch in batches for i in batch]
+    assert len(seen) == len(set(seen))
+    assert len(seen) == (len(batches) * batch_size if drop_last else n)
+    # only the groups' merged leftovers (at most num_groups batches, at the end) are partial or mix groups
+    odd = [k for k, batch in enumerate(batches) if len(batch) < batch_size or len({groups[i] for i in batch}) > 1]
+    assert all(k >= len(batches) - num_groups for k in odd)
+    for batch in batches:
+        if len({groups[i] for i in batch}) == 1:  # the sampler's order within a batch
+            assert sorted(batch, key=order.index) == batch
+
+
+def test_grouped_batches_keep_distributed_ranks_in_step():
+    groups = [0] * 13 + [1] * 20 + [2] * 8
+    counts = []
+    for rank in range(3):
+        sampler = torch.utils.data.DistributedSampler(range(len(groups)), num_replicas=3, rank=rank, seed=4)
+        counts.append(len(list(GroupedBatchSampler(sampler, groups, 4))))
+    assert counts == [4, 4, 4]  # 14 indices per rank: ceil(14 / 4) batches on every rank, whatever the groups
+
+
+def test_quantile_groups_split_equal_counts_and_keep_equal_ratios_together():
+    ratios = [0.5, 0.7, 0.75, 1.0, 1.0, 1.0, 1.3, 1.5]
+    assert quantile_groups(ratios, 4) == [0, 0, 1, 2, 2, 2, 3, 3]
+    assert quantile_groups(ratios, 1) == [0] * 8
+    assert quantile_groups([1.0] * 5, 3) == [0] * 5
+    with pytest.raises(ValueError, match="num_groups must be >= 1"):
+        quantile_groups(ratios, 0)
+
+
+def test_aspect_grouped_loader_pads_less_and_serves_every_sample(tmp_path, tokenizer):
+    root = tmp_path / "shapes"
+    generate_shapes_dataset(root, num_train=40, num_val=1, num_test=1, seed=3)
+    ds = ModulatedDetection(root / "images", root / "annotations" / "shapes_refexp_train.json", tokenizer,
+                            make_transforms("val", "shapes"))
+
+    def epoch(groups):
+        loader = build_loader(ds, batch_size=8, shuffle=True, num_workers=0, seed=0, aspect_groups=groups)
+        loader.set_epoch(1)
+        batches = list(loader)
+        padding = sum(b["mask"].sum().item() for b in batches) / sum(b["mask"].numel() for b in batches)
+        return padding, sorted(t["image_id"] for b in batches for t in b["targets"]), len(batches), len(loader)
+
+    plain, grouped = epoch(1), epoch(4)
+    assert grouped[1] == plain[1] == sorted(e["id"] for e in ds.entries)
+    assert grouped[2] == grouped[3] == plain[2] == plain[3]
+    assert grouped[0] < 0.6 * plain[0], (grouped[0], plain[0])
+    assert epoch(4) == grouped  # seeded
+    with pytest.raises(ValueError, match="aspect_groups must be >= 1"):
+        build_loader(ds, batch_size=8, shuffle=True, num_workers=0, seed=0, aspect_groups=0)
+
+
+def test_aspect_ratios_need_the_image_sizes(world, tokenizer):
+    ds = ModulatedDetection(world / "images", world / "annotations" / "shapes_refexp_val.json", tokenizer)
+    ratios = aspect_ratios(torch.utils.data.Subset(ds, [2, 0]))
+    assert ratios == [ds.entries[i]["height"] / ds.entries[i]["width"] for i in (2, 0)]
+    del ds.entries[1]["height"]
+    with pytest.raises(ValueError, match=r"'height' and 'width'.*entry id .*data.aspect_groups=1"):
+        aspect_ratios(ds)
+    with pytest.raises(ValueError, match="data.aspect_groups=1"):
+        aspect_ratios(list(range(3)))
 
 
 def test_build_dataset_from_config(tmp_path, tokenizer):

@@ -307,6 +307,18 @@ def test_clevr_heads_read_the_first_decoder_layer(clevr_model):
     assert clevr_model.qa_embed.weight.shape == (4, 64)
 
 
+def test_qa_layer_picks_the_decoder_layer_the_answers_read():
+    torch.manual_seed(0)
+    last = build_mdetr(**TINY, qa_dataset="clevr", qa_layer=-1, pretrained_backbone=False).eval()
+    images, mask = images_and_mask()
+    with torch.no_grad():
+        hs = last.transformer.decode(last.encode(images, mask, CAPTIONS))  # [N, B, Q + 4 QA slots, d]
+        out = last(images, mask, CAPTIONS)
+    assert_close(out["pred_answer_type"], last.answer_type_head(hs[-1, :, -4]), what="type head on the last layer")
+    with pytest.raises(ValueError, match="qa_layer must index one of the 2 decoder layers, got 2"):
+        build_mdetr(**TINY, qa_dataset="clevr", qa_layer=2, pretrained_backbone=False)
+
+
 def test_gqa_heads():
     gqa = build_mdetr(**TINY, qa_dataset="gqa", pretrained_backbone=False).eval()
     images, mask = images_and_mask(height=64, width=64)
@@ -636,3 +648,4 @@ def test_box_refinement_offsets_each_layer_from_the_previous_box(query_grid):
     bias = model.bbox_embed.layers[-1].bias
     (grad,) = torch.autograd.grad(boxes.sum(), bias)
     assert_close(grad, (boxes * (1 - boxes)).detach().sum((0, 1)), what="bias gradient")
+

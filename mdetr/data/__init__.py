@@ -3,9 +3,9 @@ transforms, collate and loaders.
 
 - ``build_dataset(data_cfg, split, tokenizer)`` / ``build_datasets(data_cfg, text_encoder)``: datasets from a
   ``mdetr.config.DataConfig`` (generating the shapes world first when it is the dataset and is missing).
-- ``build_loader(dataset, batch_size, shuffle, num_workers, seed, distributed=False)``: a seeded DataLoader with
-  ``collate_fn``; call ``loader.set_epoch(epoch)`` before each epoch (reshuffles reproducibly, also when
-  distributed).
+- ``build_loader(dataset, batch_size, shuffle, num_workers, seed, distributed=False, aspect_groups=1)``: a seeded
+  DataLoader with ``collate_fn``, optionally batching within aspect-ratio groups (``mdetr.data.sampler``); call
+  ``loader.set_epoch(epoch)`` before each epoch (reshuffles reproducibly, also when distributed).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from mdetr.data.annotations import CLEVR_ATTRIBUTES, ModulatedDetection
 from mdetr.data.collate import collate_fn
 from mdetr.data.positive_map import create_positive_map
+from mdetr.data.sampler import GroupedBatchSampler, aspect_ratios, quantile_groups
 from mdetr.data.transforms import make_transforms
 
 __all__ = ["CLEVR_ATTRIBUTES", "ModulatedDetection", "SeededLoader", "build_dataset", "build_datasets", "build_loader",
@@ -117,15 +118,20 @@ class SeededLoader(DataLoader):
         self.seed = seed
 
     def set_epoch(self, epoch: int) -> None:
-        if isinstance(self.sampler, DistributedSampler):
-            self.sampler.set_epoch(epoch)
+        sampler = getattr(self.batch_sampler, "sampler", None)  # a GroupedBatchSampler or the default one wraps it
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
         if self.generator is not None:
             self.generator.manual_seed(self.seed + epoch)
 
 
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
-                 distributed: bool = False, drop_last: bool = False, rank: int = 0) -> SeededLoader:
-    """Seeded loader with ``collate_fn``; worker processes build the positive maps and run the transforms."""
+                 distributed: bool = False, drop_last: bool = False, rank: int = 0,
+                 aspect_groups: int = 1) -> SeededLoader:
+    """Seeded loader with ``collate_fn``; worker processes build the positive maps and run the transforms.
+
+    ``aspect_groups`` > 1: each batch holds images of one of that many aspect-ratio groups (equal-count bins of the
+    annotation file's height / width; ``GroupedBatchSampler``): less padding, the same number of batches."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # HF tokenizers' threads do not survive fork into workers
     # the shuffle (DistributedSampler: ``seed``) is shared by all ranks; augmentation streams differ per rank
     stream_seed = seed + 1_000_003 * rank
@@ -136,7 +142,12 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: 
         sampler = RandomSampler(dataset, generator=generator)
     else:
         sampler = SequentialSampler(dataset)
-    return SeededLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        collate_fn=collate_fn, drop_last=drop_last, generator=generator, seed=stream_seed,
-                        worker_init_fn=_seed_worker, persistent_workers=False,
+    if aspect_groups < 1:
+        raise ValueError(f"data.aspect_groups must be >= 1 (1 = no grouping), got {aspect_groups}")
+    batching = dict(batch_size=batch_size, sampler=sampler, drop_last=drop_last)
+    if aspect_groups > 1:
+        groups = quantile_groups(aspect_ratios(dataset), aspect_groups)
+        batching = dict(batch_sampler=GroupedBatchSampler(sampler, groups, batch_size, drop_last))
+    return SeededLoader(dataset, **batching, num_workers=num_workers, collate_fn=collate_fn, generator=generator,
+                        seed=stream_seed, worker_init_fn=_seed_worker, persistent_workers=False,
                         pin_memory=torch.cuda.is_available())

@@ -87,6 +87,8 @@ class MDETR(nn.Module):
         contrastive_align_dim: size of the contrastive alignment projections; 0 = none (the reference's GQA models,
             trained with --no_contrastive_align_loss).
         qa_dataset: None, "clevr" or "gqa": adds one learned query per QA head after the object queries.
+        qa_layer: the decoder layer whose outputs at the QA slots the answer heads read: 0 = the first (the
+            reference's quirk), -1 = the last (after every layer's attention to the image, text and objects).
         clevr_attr_classes: size of the CLEVR attribute answer vocabulary (15 in CLEVR).
         predict_final: CLEVR-Ref+ "is this box the referred set" head (``isfinal_embed``, ``pred_isfinal``).
         query_grid: 0 = the reference's learned object queries. G > 0 = anchor queries (not in MDETR; Anchor-DETR /
@@ -104,8 +106,11 @@ class MDETR(nn.Module):
     def __init__(self, backbone: Joiner, transformer: Transformer, num_queries: int = 100, num_classes: int = 255,
                  contrastive_align_dim: int = 64, qa_dataset: Optional[str] = None, clevr_attr_classes: int = 15,
                  predict_final: bool = False, query_grid: int = 0, token_head: str = "linear",
-                 box_refine: bool = False):
+                 box_refine: bool = False, qa_layer: int = 0):
         super().__init__()
+        layers = len(transformer.decoder.layers)
+        if not -layers <= qa_layer < layers:
+            raise ValueError(f"qa_layer must index one of the {layers} decoder layers, got {qa_layer}")
         if token_head not in ("linear", "similarity"):
             raise ValueError(f"token_head must be 'linear' or 'similarity', got {token_head!r}")
         if query_grid < 0 or (query_grid and num_queries != query_grid ** 2):
@@ -125,6 +130,7 @@ class MDETR(nn.Module):
         self.box_refine = box_refine
         self.query_embed = None if query_grid else nn.Embedding(num_queries, d_model)
         self.qa_dataset = qa_dataset
+        self.qa_layer = qa_layer
         self.qa_heads = [] if qa_dataset is None else [
             (name, clevr_attr_classes if (qa_dataset, name) == ("clevr", "attr") else size, mlp)
             for name, size, mlp in QA_HEADS[qa_dataset]
@@ -197,8 +203,8 @@ class MDETR(nn.Module):
         hs = self.transformer.decode(memory_cache)  # [N, B, Q (+ QA slots), d]
         out: Dict[str, Any] = {}
         if self.qa_heads:
-            # quirk (reference): the answers are read from the FIRST decoder layer's outputs at the QA slots
-            answer_embeds = hs[0, :, -len(self.qa_heads):]
+            # quirk (reference): the answers are read from the FIRST decoder layer's outputs (qa_layer 0)
+            answer_embeds = hs[self.qa_layer, :, -len(self.qa_heads):]
             hs = hs[:, :, : -len(self.qa_heads)]
             for slot, (name, _, _) in enumerate(self.qa_heads):
                 logits = getattr(self, f"answer_{name}_head")(answer_embeds[:, slot])
@@ -249,7 +255,7 @@ def build_mdetr(backbone: str = "tf_efficientnet_lite0", pretrained_backbone: bo
                 dec_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1, num_queries: int = 100,
                 contrastive_align_dim: int = 64, qa_dataset: Optional[str] = None, clevr_attr_classes: int = 15,
                 predict_final: bool = False, query_grid: int = 0, token_head: str = "linear", box_refine: bool = False,
-                attention_backend: str = "reference",
+                qa_layer: int = 0, attention_backend: str = "reference",
                 load_backbone_weights: bool = True, text_encoder_config: Optional[PretrainedConfig] = None) -> MDETR:
     """MDETR with explicit settings (defaults: the paper's sizes on the embedded lite0 + MiniLM encoders).
 
@@ -268,7 +274,7 @@ def build_mdetr(backbone: str = "tf_efficientnet_lite0", pretrained_backbone: bo
                               dim_feedforward, dropout, attention_backend, text_encoder_config)
     return MDETR(joiner, transformer, num_queries, contrastive_align_dim=contrastive_align_dim,
                  qa_dataset=qa_dataset, clevr_attr_classes=clevr_attr_classes, predict_final=predict_final,
-                 query_grid=query_grid, token_head=token_head, box_refine=box_refine)
+                 query_grid=query_grid, token_head=token_head, box_refine=box_refine, qa_layer=qa_layer)
 
 
 def param_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:

@@ -290,7 +290,8 @@ def _build_from(source: _Source, requested: Mapping[str, Any], weights: str, tok
     else:
         arch = _released_architecture(source, weights, requested.get("backbone"))
     conflicts = [f"{key}={requested[key]!r} (file: {getattr(arch.config, key)!r})" for key in sorted(arch.fixed)
-                 if key in requested and not _same_setting(key, requested[key], getattr(arch.config, key))]
+                 if key in requested
+                 and not _same_setting(key, requested[key], getattr(arch.config, key), arch.config.dec_layers)]
     if conflicts:
         raise ValueError(f"{source.label} does not hold the model of {requested_by}: {', '.join(conflicts)}")
     cfg = dataclasses.replace(arch.config, **{k: v for k, v in requested.items() if k not in arch.fixed})
@@ -302,8 +303,12 @@ def _build_from(source: _Source, requested: Mapping[str, Any], weights: str, tok
     return model
 
 
-def _same_setting(key: str, a: Any, b: Any) -> bool:
-    return _backbone_arch(a) == _backbone_arch(b) if key == "backbone" else a == b
+def _same_setting(key: str, a: Any, b: Any, dec_layers: int) -> bool:
+    if key == "backbone":
+        return _backbone_arch(a) == _backbone_arch(b)
+    if key == "qa_layer":  # -1 and dec_layers - 1 name the same layer
+        return a % dec_layers == b % dec_layers
+    return a == b
 
 
 def _backbone_arch(name: str) -> str:

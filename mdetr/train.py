@@ -108,6 +108,9 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
         ckpt.set_rng_state(rng[rank] if isinstance(rng, list) else rng)
         if main:
             print(f"resumed from {resume_from}: epoch {state.epoch}, step {state.step}")
+            changed = config_mod.differences(config_mod.from_dict(saved["config"]), cfg) if "config" in saved else []
+            if changed:  # allowed (e.g. more epochs), but the continuation is then not the interrupted run's
+                print("the run continues with settings that differ from the checkpoint's: " + "; ".join(changed))
     else:
         if cfg.train.load:
             ckpt.load_weights(model, cfg.train.load, verbose=main)

@@ -67,3 +67,18 @@ def test_from_dict_gives_missing_fields_their_old_behaviour():
     del tree["model"]["query_grid"]  # a checkpoint saved before anchor queries existed
     cfg = C.from_dict(tree)
     assert cfg.model.query_grid == 0 and cfg.model.num_queries == 20 and cfg.preset == "shapes"
+
+
+def test_differences_name_each_changed_field_of_the_run_sections():
+    old = C.preset("clevr")
+    tree = old.to_dict()
+    del tree["model"]["qa_layer"]  # a checkpoint saved before model.qa_layer existed: it read the first layer
+    saved = C.from_dict(tree)
+    new = C.resolve("clevr", None, ["--loss.qa=2", "--train.resume=auto", "--data.aspect_groups=1"])
+    assert C.differences(saved, new) == ["data.aspect_groups: 4 -> 1", "model.qa_layer: 0 -> -1", "loss.qa: 1.0 -> 2.0"]
+    assert C.differences(old, old) == []
+
+
+def test_aspect_groups_is_checked():
+    with pytest.raises(ValueError, match="data.aspect_groups must be >= 1, got 0"):
+        C.resolve("shapes", None, ["--data.aspect_groups=0"])

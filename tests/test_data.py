@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 from mdetr.boxes import (box_cxcywh_to_xyxy, box_iou, box_xywh_to_xyxy, box_xyxy_to_cxcywh,
@@ -379,7 +380,9 @@ def test_grouped_batches_keep_distributed_ranks_in_step():
     counts = []
     for rank in range(3):
         sampler = torch.utils.data.DistributedSampler(range(len(groups)), num_replicas=3, rank=rank, seed=4)
-        counts.append(len(list(GroupedBatchSampler(sampler, groups, 4))))
+        batches = list(GroupedBatchSampler(sampler, groups, 4))
+        counts.append(len(batches))
+        assert all(len({groups[i] for i in batch}) == 1 for batch in batches[:-3])  # grouped, leftovers last
     assert counts == [4, 4, 4]  # 14 indices per rank: ceil(14 / 4) batches on every rank, whatever the groups
 
 
@@ -403,15 +406,38 @@ def test_aspect_grouped_loader_pads_less_and_serves_every_sample(tmp_path, token
         loader.set_epoch(1)
         batches = list(loader)
         padding = sum(b["mask"].sum().item() for b in batches) / sum(b["mask"].numel() for b in batches)
-        return padding, sorted(t["image_id"] for b in batches for t in b["targets"]), len(batches), len(loader)
+        ids = [[t["image_id"] for t in b["targets"]] for b in batches]
+        return padding, sorted(i for b in ids for i in b), len(batches), len(loader), ids
 
     plain, grouped = epoch(1), epoch(4)
     assert grouped[1] == plain[1] == sorted(e["id"] for e in ds.entries)
+    # the same shuffle, regrouped: the loader's generator is drawn as without grouping (resume stays exact)
+    index = {e["id"]: i for i, e in enumerate(ds.entries)}
+    groups = quantile_groups(aspect_ratios(ds), 4)
+    regrouped = GroupedBatchSampler([index[i] for b in plain[4] for i in b], groups, 8)
+    assert [[index[i] for i in b] for b in grouped[4]] == list(regrouped)
     assert grouped[2] == grouped[3] == plain[2] == plain[3]
     assert grouped[0] < 0.6 * plain[0], (grouped[0], plain[0])
     assert epoch(4) == grouped  # seeded
     with pytest.raises(ValueError, match="aspect_groups must be >= 1"):
         build_loader(ds, batch_size=8, shuffle=True, num_workers=0, seed=0, aspect_groups=0)
+
+
+def test_grouped_distributed_loader_reshuffles_each_epoch(world, tokenizer, tmp_path):
+    ds = ModulatedDetection(world / "images", world / "annotations" / "shapes_refexp_train.json", tokenizer,
+                            make_transforms("val", "shapes"))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        loader = build_loader(ds, batch_size=4, shuffle=True, num_workers=0, seed=0, distributed=True,
+                              aspect_groups=2)
+
+        def order(epoch):
+            loader.set_epoch(epoch)  # reaches the DistributedSampler inside the GroupedBatchSampler
+            return [t["image_id"] for b in loader for t in b["targets"]]
+
+        assert order(0) == order(0) != order(1)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_aspect_ratios_need_the_image_sizes(world, tokenizer):

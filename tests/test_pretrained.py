@@ -267,6 +267,8 @@ def test_settings_the_file_fixes_cannot_be_overridden(clevr_file):
         mdetr.load_pretrained(clevr_file[0], tokenizer=TOKENIZER, num_queries=7)
     with pytest.raises(ValueError, match=r"unknown model settings \['num_querys'\]"):
         mdetr.load_pretrained(clevr_file[0], tokenizer=TOKENIZER, num_querys=7)
+    with pytest.raises(ValueError, match=r"qa_layer=-1 \(file: 0\)"):  # the reference reads the first layer
+        mdetr.load_pretrained(clevr_file[0], tokenizer=TOKENIZER, qa_layer=-1)
 
 
 # ---- create_model -------------------------------------------------------------------------------------------
@@ -296,7 +298,7 @@ def test_create_model_checks_a_released_file_against_the_entry(clevr_file):
 
 
 def test_create_model_loads_our_training_checkpoint(tmp_path):
-    small = dict(SMALL, pretrained_backbone=False, num_queries=4, query_grid=2)
+    small = dict(SMALL, pretrained_backbone=False, num_queries=4, query_grid=2, qa_layer=-1)
     model = mdetr.create_model("shapes", **small)
     cfg = config_mod.preset("shapes")
     for key, value in small.items():
@@ -308,6 +310,10 @@ def test_create_model_loads_our_training_checkpoint(tmp_path):
     assert_loaded(mdetr.create_model("shapes", path, **small), ema)
     with pytest.raises(ValueError, match=r"enc_layers=3 \(file: 2\)"):
         mdetr.create_model("shapes", path)
+    last = cfg.model.dec_layers - 1  # saved as -1; asked for by its non-negative index, it is the same layer
+    assert mdetr.create_model("shapes", path, **dict(small, qa_layer=last)).qa_layer % cfg.model.dec_layers == last
+    with pytest.raises(ValueError, match=r"qa_layer=0 \(file: -1\)"):
+        mdetr.create_model("shapes", path, **dict(small, qa_layer=0))
 
 
 # ---- torch.hub ----------------------------------------------------------------------------------------------

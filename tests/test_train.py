@@ -74,15 +74,18 @@ def test_non_finite_loss_stops_training_before_a_checkpoint(shapes_root, tmp_pat
 
 
 @pytest.mark.slow
-def test_resume_reproduces_the_next_steps_exactly(shapes_root, tmp_path):
+def test_resume_reproduces_the_next_steps_exactly(shapes_root, tmp_path, capsys):
     full = tiny_config(shapes_root, str(tmp_path / "a"))
     losses_full, _ = train_losses(full)
     steps_per_epoch = len(losses_full) // 2
     resumed = tiny_config(shapes_root, str(tmp_path / "b"),
                           **{"train.resume": str(tmp_path / "a" / "checkpoint_epoch0000.pth")})
+    capsys.readouterr()
     losses_resumed, result = train_losses(resumed)
     assert result["state"].step == len(losses_full)
-    assert losses_resumed == losses_full[steps_per_epoch:]  # bit-exact on CPU
+    assert losses_resumed == losses_full[steps_per_epoch:]  # bit-exact on CPU (aspect-ratio grouped batches)
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "differ from the checkpoint's" not in out
 
 
 def _fake_batch():

@@ -2,9 +2,14 @@
 
 A batch is padded to its tallest and widest image: with the shapes world's mix of portrait and landscape images
 a third of the image tokens the cross encoder attends over were padding (batch 8, short side 224, stride 16);
-batching within 4 aspect-ratio groups leaves 9% (numbers in the README). Padding is masked everywhere, so a sample's
-outputs do not depend on its batch-mates; only which samples share a batch changes. The torchvision detection
-references group the same way (``GroupedBatchSampler``).
+batching within 4 aspect-ratio groups leaves 9% (numbers in the README). The torchvision detection references group
+the same way (``GroupedBatchSampler``). The groups come from the annotation file's image sizes, so under random
+resizes and crops they are approximate.
+
+Grouping changes which samples share a batch. With ``model.backbone_per_image`` (the shapes presets) a sample's
+outputs do not depend on its batch-mates, since the transformer masks padding. A backbone run over the padded batch
+sees the padding near each image's border, as in the reference, so there the outputs differ slightly with the
+batch (and with augmentation, each sample's random draws differ too).
 """
 from __future__ import annotations
 
@@ -32,13 +37,14 @@ def aspect_ratios(dataset: Dataset) -> List[float]:
             raise ValueError(f"aspect-ratio grouping needs each image's 'height' and 'width' in the annotation file; "
                              f"entry id {entry.get('id')} ({entry.get('file_name')!r}) has height={height!r}, "
                              f"width={width!r} (set data.aspect_groups=1 to batch without grouping)")
-        ratios.append(height / width)
+        ratios.append(float(height) / float(width))
     return ratios
 
 
 def quantile_groups(ratios: Sequence[float], num_groups: int) -> List[int]:
     """Group index (0 .. num_groups - 1) of each ratio: the groups split the sorted ratios into equal counts, so
-    every group fills batches at the same rate. Equal ratios always share a group."""
+    the groups fill batches at about the same rate. Equal ratios always share a group (so with many equal ratios
+    the counts are uneven, and fewer groups may be used)."""
     if num_groups < 1:
         raise ValueError(f"num_groups must be >= 1, got {num_groups}")
     ordered = sorted(ratios)

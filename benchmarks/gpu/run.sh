@@ -17,7 +17,7 @@ t0=$SECONDS
 # cap S: the smaller of S seconds and what is left of the budget (0 when nothing is left: the stage is skipped)
 cap() { local left=$((budget - (SECONDS - t0))); local c=$(( $1 < left ? $1 : left )); echo $(( c < 0 ? 0 : c )); }
 stage() { echo; echo "== $1 (t=$((SECONDS - t0)) s, cap $2 s)"; }
-rm -f "$out"/bench_*.json "$out"/bench_*.log "$out"/gpu_tests.log "$out"/train.log  # no stale results
+rm -f "$out"/bench_*.json "$out"/bench_*.log "$out"/gpu_tests.log "$out"/train.log "$out"/profile_step.log  # no stale results
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
 python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'CUDA', \
@@ -65,6 +65,13 @@ for name in matcher attention_b16 losses model attention_rest; do
     echo "exit $status (t=$((SECONDS - t0)) s): $(grep -E '^=* ?[0-9]+ (passed|failed|error|skipped)' "$out/bench_$name.log" | tail -n 1)"
     grep -E "^(FAILED|ERROR)" "$out/bench_$name.log" | head -n 5
 done
+
+# Where the training step's time goes (GPU busy time against wall time, top kernels and host ops), B=4.
+c=$(cap 90); stage "profile of the training step (benchmarks/gpu/profile_step.py)" "$c"
+if (( c > 0 )); then
+    timeout "$c" python benchmarks/gpu/profile_step.py --batch 4 --steps 20 --top 8 2>&1 \
+        | grep -v -E "USDT|Loading weights|profiler_st" | tee "$out/profile_step.log"
+fi
 
 # The main command on the GPU, shortened: a small shapes world, one minute of training, then validation.
 c=$(cap 120); stage "python -m mdetr.train --fused (1 minute)" "$c"

@@ -17,6 +17,10 @@ Backends (chosen only by ``detr_kernels._backend.resolve``):
 
 A batch element whose keys are ALL padded: ``triton`` and ``sdpa`` return zeros for it (and zero gradients);
 ``reference`` returns NaN, as ``nn.MultiheadAttention`` does (a softmax over nothing but -inf).
+
+``attn_bias``: an additive float bias on the scores, broadcastable to (B, H, Lq, Lk), with gradients (``sdpa`` and
+``reference``; the Triton kernels take key padding only, and say so). A row whose keys the bias blocks entirely
+(all -inf): ``sdpa`` returns zeros for it, ``reference`` NaN.
 """
 from __future__ import annotations
 
@@ -38,15 +42,17 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def attention_reference(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-    softmax_scale: Optional[float] = None, dropout_keep: Optional[Tensor] = None,
+    softmax_scale: Optional[float] = None, dropout_keep: Optional[Tensor] = None, attn_bias: Optional[Tensor] = None,
 ) -> Tensor:
-    """softmax(q k^T * scale, masked) [dropout] @ v in the inputs' dtype (use float64 for an oracle).
+    """softmax(q k^T * scale [+ attn_bias], masked) [dropout] @ v in the inputs' dtype (use float64 for an oracle).
 
     ``dropout_keep`` (B, H, Lq, Lk) bool replaces PyTorch's random dropout by a given keep-mask (kept entries
     scaled by 1 / (1 - dropout_p)); tests use it to replay the Triton kernel's mask. All-padded rows give NaN.
     """
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, Lq, Lk)
+    if attn_bias is not None:
+        scores = scores + attn_bias
     if key_padding_mask is not None:
         scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
@@ -159,21 +165,24 @@ def _triton_attention(q, k, v, key_padding_mask, dropout_p, softmax_scale) -> Te
 
 # --------------------------------------------------------------------------------------------------- SDPA
 
-def _sdpa_attention(q, k, v, key_padding_mask, dropout_p, softmax_scale) -> Tensor:
-    """SDPA with a boolean mask; an all-padded batch element attends to its (padded) keys and is then zeroed,
-    so neither its output nor its gradients are NaN."""
+def _sdpa_attention(q, k, v, key_padding_mask, dropout_p, softmax_scale, attn_bias=None) -> Tensor:
+    """SDPA with a boolean mask (a float one with ``attn_bias``); an all-padded batch element attends to its
+    (padded) keys and is then zeroed, so neither its output nor its gradients are NaN."""
     if key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=softmax_scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=softmax_scale)
     empty = key_padding_mask.all(dim=1)  # (B,)
     attend = ~key_padding_mask | empty[:, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None, None, :], dropout_p=dropout_p,
-                                         scale=softmax_scale)
+    mask = attend[:, None, None, :]
+    if attn_bias is not None:
+        mask = attn_bias.masked_fill(~mask, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=softmax_scale)
     return out.masked_fill(empty[:, None, None, None], 0.0)
 
 
 # ------------------------------------------------------------------------------------------ the public op
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], dropout_p: float) -> None:
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], dropout_p: float,
+                  attn_bias: Optional[Tensor] = None) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention: q, k, v must be 4-D (B, H, L, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -192,27 +201,46 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Te
                              f"{tuple(key_padding_mask.shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if attn_bias is not None:
+        if not attn_bias.is_floating_point():
+            raise TypeError(f"attention: attn_bias must be a float tensor (added to the scores), got {attn_bias.dtype}")
+        if attn_bias.device != q.device:
+            raise ValueError(f"attention: attn_bias is on {attn_bias.device}, q on {q.device}")
+        full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        try:
+            fits = attn_bias.dim() <= 4 and tuple(torch.broadcast_shapes(attn_bias.shape, full)) == full
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"attention: attn_bias must broadcast to (B, H, Lq, Lk) = {full}, got "
+                             f"{tuple(attn_bias.shape)}")
 
 
 def attention(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-    softmax_scale: Optional[float] = None, backend: str = "auto",
+    softmax_scale: Optional[float] = None, backend: str = "auto", attn_bias: Optional[Tensor] = None,
 ) -> Tensor:
     """Multi-head attention with key padding: q (B, H, Lq, D), k/v (B, H, Lk, D) -> (B, H, Lq, D).
 
     ``key_padding_mask`` (B, Lk) bool, True = ignore. ``dropout_p`` is applied whenever it is > 0 (like
     ``F.scaled_dot_product_attention``: pass 0.0 in eval mode). ``softmax_scale`` defaults to D ** -0.5.
     ``backend``: "auto" (SDPA, see ``detr_kernels._backend``), "triton", "sdpa" or "reference"; see the module
-    doc for what each returns for an all-padded batch element.
+    doc for what each returns for an all-padded batch element. ``attn_bias``: a float tensor broadcastable to
+    (B, H, Lq, Lk) added to the scores (gradients flow to it); not with ``backend="triton"``.
     """
-    _check_inputs(q, k, v, key_padding_mask, dropout_p)
+    _check_inputs(q, k, v, key_padding_mask, dropout_p, attn_bias)
     name = resolve("attention", backend, q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if name == "triton":
+        if attn_bias is not None:
+            raise ValueError("attention(backend='triton') takes key_padding_mask only, got an attn_bias; use "
+                             "backend='sdpa' (or 'auto') for biased attention")
         return _triton_attention(q, k, v, key_padding_mask, dropout_p, scale)
+    if attn_bias is not None:
+        attn_bias = attn_bias.to(q.dtype)
     if name == "sdpa":
-        return _sdpa_attention(q, k, v, key_padding_mask, dropout_p, scale)
-    return attention_reference(q, k, v, key_padding_mask, dropout_p, scale)
+        return _sdpa_attention(q, k, v, key_padding_mask, dropout_p, scale, attn_bias)
+    return attention_reference(q, k, v, key_padding_mask, dropout_p, scale, attn_bias=attn_bias)
 
 
 # ------------------------------------------------------------------------------------------------ module
@@ -221,9 +249,10 @@ class FusedMultiheadAttention(nn.Module):
     """Drop-in for ``nn.MultiheadAttention`` (same parameters and state-dict keys: ``in_proj_weight``,
     ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``) that runs ``attention``.
 
-    Supported: key_padding_mask (bool, True = ignore), dropout on the attention weights, batch_first. Not
-    supported (a clear error): ``need_weights=True`` (the weights are never materialized), ``attn_mask``,
-    separate kdim/vdim, add_bias_kv / add_zero_attn, unbatched inputs.
+    Supported: key_padding_mask (bool, True = ignore), ``attn_mask`` as ``nn.MultiheadAttention`` takes it ((Lq, Lk)
+    or (B * H, Lq, Lk); float: added to the scores, bool: True = not allowed; not with the Triton backend), dropout
+    on the attention weights, batch_first. Not supported (a clear error): ``need_weights=True`` (the weights are
+    never materialized), separate kdim/vdim, add_bias_kv / add_zero_attn, unbatched inputs.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
@@ -296,13 +325,30 @@ class FusedMultiheadAttention(nn.Module):
         if need_weights:
             raise ValueError("FusedMultiheadAttention never materializes attention weights: call it with "
                              "need_weights=False (nn.MultiheadAttention's default is True)")
-        if attn_mask is not None:
-            raise ValueError("FusedMultiheadAttention supports key_padding_mask only, got an attn_mask; use "
-                             "nn.MultiheadAttention for arbitrary attention masks")
         if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
             raise ValueError(f"FusedMultiheadAttention expects batched 3-D inputs, got query {tuple(query.shape)}, "
                              f"key {tuple(key.shape)}, value {tuple(value.shape)}")
+        if attn_mask is not None:
+            if not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+                raise TypeError(f"FusedMultiheadAttention: attn_mask must be float (added to the scores) or bool "
+                                f"(True = not allowed), got {attn_mask.dtype}")
+            if resolve("attention", self.backend, query.device) == "triton":
+                raise ValueError("FusedMultiheadAttention(backend='triton') takes key_padding_mask only, got an "
+                                 "attn_mask; use backend='sdpa' (or 'auto')")
         q, k, v = (self._split_heads(t) for t in self._project(query, key, value))
+        bias = None if attn_mask is None else self._bias(attn_mask, *q.shape[:3], k.shape[2])
         out = attention(q, k, v, key_padding_mask=key_padding_mask,
-                        dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+                        dropout_p=self.dropout if self.training else 0.0, backend=self.backend, attn_bias=bias)
         return self.out_proj(self._merge_heads(out)), None
+
+    @staticmethod
+    def _bias(attn_mask: Tensor, B: int, H: int, Lq: int, Lk: int) -> Tensor:
+        """nn.MultiheadAttention's attn_mask, (Lq, Lk) or (B * H, Lq, Lk), as a float bias (1 or B, H, Lq, Lk)."""
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, device=attn_mask.device).masked_fill(attn_mask, float("-inf"))
+        if tuple(attn_mask.shape) == (Lq, Lk):
+            return attn_mask[None, None]
+        if tuple(attn_mask.shape) == (B * H, Lq, Lk):
+            return attn_mask.view(B, H, Lq, Lk)
+        raise ValueError(f"FusedMultiheadAttention: attn_mask must be (Lq, Lk) = {(Lq, Lk)} or (B * num_heads, Lq, "
+                         f"Lk) = {(B * H, Lq, Lk)}, got {tuple(attn_mask.shape)}")

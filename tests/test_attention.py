@@ -198,6 +198,80 @@ def test_sdpa_and_reference_backends_agree(case):
         assert_close_verbose(g, w, 1e-10, 1e-10, f"sdpa {name}")
 
 
+@pytest.mark.parametrize("case", [(2, 8, 29, 29, 32, "mdetr", (1, 8, 29, 29)),
+                                  (3, 2, 5, 17, 16, "all_but_one", (3, 1, 5, 17)), (2, 1, 7, 7, 32, "none", (7, 7))],
+                         ids=["mdetr-per-head", "per-batch", "shared"])
+def test_attn_bias_sdpa_and_reference_agree_with_gradients(case):
+    """An additive bias (broadcast over batch, heads or both), key padding beside it: SDPA equals the reference
+    in float64, outputs and the gradients of q, k, v and the bias."""
+    B, H, Lq, Lk, D, kind, bias_shape = case
+    mask = make_mask(kind, B, Lk, torch.Generator().manual_seed(3))
+    *tensors, bias = qkv(B, H, Lq, Lk, D, torch.float64) + [
+        (torch.randn(bias_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 3)
+        .to(DEVICE).requires_grad_()]
+    dout = torch.randn(B, H, Lq, D, dtype=torch.float64, device=DEVICE)
+    results = {}
+    for backend in ("sdpa", "reference"):
+        results[backend] = run_with_grads(lambda a, b, c, d: attention(a, b, c, mask, backend=backend, attn_bias=d),
+                                          [*tensors, bias], dout)
+    for name, g, w in zip(NAMES + ("dbias",), results["sdpa"], results["reference"]):
+        assert_close_verbose(g, w, 1e-10, 1e-10, f"sdpa with bias {name}")
+    # the bias is really added: a bias that is -inf off one key makes every row attend to that key alone
+    q, k, v = (t.detach() for t in tensors)
+    only = torch.full((Lq, Lk), float("-inf"), dtype=torch.float64, device=DEVICE)
+    only[:, 0] = 0.0
+    out = attention(q, k, v, backend="sdpa", attn_bias=only)
+    assert_close_verbose(out, v[:, :, :1].expand_as(out), 1e-12, 0.0, "bias selects key 0")
+
+
+def test_attn_bias_errors():
+    q, k, v = (t.detach() for t in qkv(2, 2, 3, 5, 16, torch.float32))
+    with pytest.raises(TypeError, match="attn_bias must be a float tensor"):
+        attention(q, k, v, backend="sdpa", attn_bias=torch.zeros(3, 5, dtype=torch.bool))
+    if CUDA:  # q is on the GPU
+        with pytest.raises(ValueError, match="attn_bias is on cpu, q on cuda"):
+            attention(q, k, v, backend="sdpa", attn_bias=torch.zeros(3, 5))
+    with pytest.raises(ValueError,
+                       match=r"attn_bias must broadcast to \(B, H, Lq, Lk\) = \(2, 2, 3, 5\), got \(3, 4\)"):
+        attention(q, k, v, backend="sdpa", attn_bias=torch.zeros(3, 4, device=DEVICE))
+    if HAS_TRITON:
+        with pytest.raises(ValueError, match="backend='triton'.*attn_bias"):
+            attention(q, k, v, backend="triton", attn_bias=torch.zeros(3, 5, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_module_attn_mask_matches_nn_multihead_attention(backend):
+    """attn_mask as nn.MultiheadAttention takes it: float (B * H, Lq, Lk) added to the scores, bool (Lq, Lk)
+    with True = not allowed; with key padding; outputs and input/bias gradients equal nn.MultiheadAttention's."""
+    E, H, B, L = 64, 4, 3, 13
+    torch.manual_seed(1)
+    ref = nn.MultiheadAttention(E, H).double()
+    fused = FusedMultiheadAttention(E, H, backend=backend).double()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(L, B, E, dtype=torch.float64)
+    pad = make_mask("mdetr", B, L, torch.Generator().manual_seed(2), device="cpu")
+    bias = torch.randn(B * H, L, L, dtype=torch.float64)
+    blocked = torch.rand(L, L, generator=torch.Generator().manual_seed(5)) < 0.3
+    blocked.fill_diagonal_(False)
+    # float per head and batch element, bool shared, float shared, bool per head and batch element
+    for attn_mask in (bias, blocked, bias[0], blocked.repeat(B * H, 1, 1)):
+        grads = []
+        for module in (ref, fused):
+            leaf = x.clone().requires_grad_()
+            leaf_mask = attn_mask.clone().requires_grad_() if attn_mask.is_floating_point() else attn_mask
+            key_pad = pad
+            if module is ref and attn_mask.is_floating_point():  # nn.MultiheadAttention wants both of one type
+                key_pad = torch.zeros(pad.shape, dtype=torch.float64).masked_fill(pad, float("-inf"))
+            out = module(leaf, leaf, leaf, key_padding_mask=key_pad, attn_mask=leaf_mask, need_weights=False)[0]
+            out.pow(2).sum().backward()
+            grads.append((out, leaf.grad, leaf_mask.grad if attn_mask.is_floating_point() else None))
+        (want, want_dx, want_db), (got, got_dx, got_db) = grads
+        assert_close_verbose(got, want, 1e-10, 1e-10, f"{backend} attn_mask {attn_mask.dtype} out")
+        assert_close_verbose(got_dx, want_dx, 1e-10, 1e-10, f"{backend} attn_mask {attn_mask.dtype} dx")
+        if want_db is not None:
+            assert_close_verbose(got_db, want_db, 1e-10, 1e-10, f"{backend} attn_mask dbias")
+
+
 def test_auto_picks_sdpa_for_attention_on_every_device():
     """By measurement (detr_kernels._backend's doc): the Triton op is host-bound at MDETR's sizes."""
     from detr_kernels._attention_triton import tile_class
@@ -346,10 +420,17 @@ def test_module_matches_nn_multihead_attention(backend, batch_first, kind, Lq, L
 def test_module_rejects_unsupported_arguments():
     fused = FusedMultiheadAttention(32, 2, backend="reference")
     x = torch.randn(4, 2, 32)
+    with pytest.raises(TypeError, match="attn_mask must be float .* or bool .*, got torch.int64"):
+        fused(x, x, x, attn_mask=torch.zeros(4, 4, dtype=torch.long))
+    if HAS_TRITON:
+        triton_mha = FusedMultiheadAttention(32, 2, backend="triton").to(DEVICE)
+        with pytest.raises(ValueError, match=r"backend='triton'\) takes key_padding_mask only, got an attn_mask"):
+            triton_mha(x.to(DEVICE), x.to(DEVICE), x.to(DEVICE), attn_mask=torch.zeros(4, 4, device=DEVICE))
     with pytest.raises(ValueError, match="need_weights"):
         fused(x, x, x, need_weights=True)
-    with pytest.raises(ValueError, match="attn_mask"):
-        fused(x, x, x, attn_mask=torch.zeros(4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"attn_mask must be \(Lq, Lk\) = \(4, 4\) or \(B \* num_heads, Lq, Lk\) = "
+                                         r"\(4, 4, 4\), got \(3, 4\)"):
+        fused(x, x, x, attn_mask=torch.zeros(3, 4))
     with pytest.raises(ValueError, match="3-D"):
         fused(x[:, 0], x[:, 0], x[:, 0])
     with pytest.raises(ValueError, match="divisible"):
@@ -475,3 +556,22 @@ def test_gpu_dropout_and_empty_elements():
                                  tensors, torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16))
     assert torch.all(out[1] == 0) and all(torch.all(g[1] == 0) for g in grads)
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_attn_bias_bf16_against_fp32():
+    """SDPA with a per-head bias and key padding in bf16 on the GPU (the fused kernels cuDNN / efficient attention
+    pick): outputs and the gradients of q, k, v and the bias within bf16 rounding of an fp32 reference."""
+    B, H, L, D = 2, 8, 300, 32
+    mask = mdetr_shape_mask(B, L, "cuda")
+    q, k, v = qkv(B, H, L, L, D, torch.bfloat16, device="cuda", seed=11)
+    bias = (torch.randn(1, H, L, L, device="cuda") * 2).to(torch.bfloat16).requires_grad_()
+    dout = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
+    got = run_with_grads(lambda a, b, c, d: attention(a, b, c, mask, backend="sdpa", attn_bias=d), [q, k, v, bias],
+                         dout)
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v, bias)]
+    want = run_with_grads(lambda a, b, c, d: attention_reference(a, b, c, mask, attn_bias=d), leaves, dout.float())
+    for name, g, w in zip(NAMES + ("dbias",), got, want):
+        scale = w.abs().max().item()
+        assert_close_verbose(g.float(), w, 0.02 * scale + 1e-3, 0.0, f"bf16 sdpa with bias {name}")

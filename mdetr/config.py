@@ -117,6 +117,8 @@ class TrainConfig:
     # model.train_backbone=false, model.backbone_per_image=true and data.augment=false), and a frozen text
     # encoder's outputs per caption
     keep_checkpoints: int = 0  # checkpoint_epochNNNN.pth files kept, newest first (0 = all); checkpoint.pth stays
+    best_metric: str = ""  # a validation metric (higher is better), e.g. "precision@1": each validation that
+    # beats all earlier ones writes best.pth (weights and config; loads like checkpoint.pth); "" = off
 
 
 @dataclass
@@ -209,6 +211,7 @@ def _shapes_fine_tune(cfg: Config, task: str) -> None:
     cfg.train.eval_every_steps = 0  # validations at the epochs' ends only: each costs training time
     cfg.optim.epochs = 30  # 375 (grounding), 528 (refexp) or 750 (QA) steps per epoch: the time limit ends
     cfg.optim.lr_drop = 30  # training first, in the second or third epoch
+    cfg.train.best_metric = "precision@1"  # best.pth (refexp val once peaked after the first epoch, then fell)
 
 
 def _refexp(cfg: Config) -> None:
@@ -220,6 +223,7 @@ def _grounding(cfg: Config) -> None:
     """Phrase grounding (Flickr30k Entities protocol) on the shapes world; validation: Recall@1/5/10."""
     _shapes_fine_tune(cfg, "grounding")
     cfg.train.eval_task = "grounding"
+    cfg.train.best_metric = "any_box_recall@1"
 
 
 def _clevr(cfg: Config) -> None:
@@ -227,6 +231,7 @@ def _clevr(cfg: Config) -> None:
     _shapes_fine_tune(cfg, "qa")
     cfg.model.qa_dataset = "clevr"
     cfg.model.qa_layer = -1  # the last layer: val accuracy 0.41 after 9 minutes, the reference's first 0.19 (README)
+    cfg.train.best_metric = "qa_accuracy"
     cfg.train.output_dir = "runs/clevr"
 
 

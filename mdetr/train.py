@@ -93,9 +93,15 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
     state = TrainState()
 
+    check_best_metric(cfg)  # before any training: every rank fails alike
     resume_from = ckpt.find_resume(cfg.train.resume, out_dir)
+    best_before: List[float] = []  # a resumed run's best.pth may hold a validation its checkpoint's history lacks
     if resume_from is not None:
         saved = ckpt.load_checkpoint(resume_from)
+        if "optimizer" not in saved or "rng" not in saved:
+            raise ValueError(f"--resume {resume_from}: not a resumable checkpoint (it holds weights only, like "
+                             f"best.pth); resume from checkpoint.pth, or start from these weights with train.load")
+        best_before = previous_best(out_dir, cfg.train.best_metric)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         if scaler is not None and saved.get("scaler"):
@@ -172,7 +178,10 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
         metrics = validate(cfg, eval_model, val_loader, device)
         record = {"epoch": state.epoch, "step": state.step, "minutes": (time.perf_counter() - start) / 60,
                   **train_loss, **metrics}
+        earlier = best_before + [r[cfg.train.best_metric] for r in state.history if cfg.train.best_metric in r]
         state.history.append(record)
+        if main and cfg.train.best_metric:
+            keep_best(out_dir, cfg, record, earlier, eval_model, train_set.answer_vocab)
         if main:
             log.log("val", record)
             log.plot()
@@ -227,6 +236,55 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
                  f"longer padding), reused {text_cache.hits} times" if text_cache is not None else ""))
     log.close()
     return {"metrics": metrics, "state": state, "minutes": (time.perf_counter() - start) / 60}
+
+
+def check_best_metric(cfg: Config) -> None:
+    """``train.best_metric`` must be one of the metrics this run's validation reports (or empty)."""
+    name = cfg.train.best_metric
+    if not name:
+        return
+    from mdetr.evaluate import KS
+
+    if cfg.train.eval_task == "grounding":
+        known = [f"{kind}_box_recall@{k}" for kind in ("any", "merged") for k in KS]
+    else:
+        known = [f"precision@{k}" for k in KS]
+        if cfg.model.qa_dataset is not None:
+            known += ["qa_accuracy", "qa_type_accuracy", "qa_accuracy_type<t>"]
+    qa_type = name.startswith("qa_accuracy_type") and "qa_accuracy_type<t>" in known
+    if name not in known and not qa_type:
+        raise ValueError(f"train.best_metric must be a validation metric of this run (train.eval_task="
+                         f"{cfg.train.eval_task!r}, model.qa_dataset={cfg.model.qa_dataset!r}): one of {known}, "
+                         f"got {name!r}")
+
+
+def previous_best(out_dir, name: str) -> List[float]:
+    """The ``name`` value that ``out_dir``'s best.pth was written for, as a one-element list (empty when there is
+    no such file or it was kept for another metric)."""
+    path = Path(out_dir) / "best.pth"
+    if not name or not path.exists():
+        return []
+    value = ckpt.load_checkpoint(path).get("best", {}).get(name)
+    return [] if value is None else [float(value)]
+
+
+def keep_best(out_dir, cfg: Config, record: Dict[str, float], earlier: Sequence[float], eval_model,
+              answer_vocab) -> bool:
+    """Write ``best.pth`` (atomically) when ``record`` beats every ``earlier`` value of ``train.best_metric``
+    (higher is better; a tie is no improvement): the validated weights (as both "model" and "ema", so it loads like
+    a training checkpoint, but does not resume), the configuration and the record (whose ``train_loss`` may be
+    missing: an epoch's loss joins a record validated at its last step afterwards). Returns whether it did."""
+    name = cfg.train.best_metric
+    if name not in record:
+        raise ValueError(f"train.best_metric={name!r} is not among this validation's metrics: "
+                         f"{sorted(k for k in record if k not in ('epoch', 'step', 'minutes', 'train_loss'))}")
+    if earlier and record[name] <= max(earlier):
+        return False
+    weights = eval_model.state_dict()
+    ckpt.atomic_save({"model": weights, "ema": weights, "config": cfg.to_dict(), "answer_vocab": answer_vocab,
+                      "epoch": record["epoch"], "step": record["step"], "best": {name: record[name]},
+                      "record": record}, Path(out_dir) / "best.pth")
+    return True
 
 
 def validate(cfg: Config, model: torch.nn.Module, loader, device: torch.device) -> Dict[str, float]:

@@ -196,7 +196,8 @@ def test_lr_schedule_drops_at_the_epoch_or_the_step():
 
 def test_step_interval_validates_within_epochs_once_per_step(shapes_root, tmp_path):
     # validations at steps 2, 4, ...; an epoch that ends on such a step reuses its record, one that does not adds one
-    cfg = tiny_config(shapes_root, str(tmp_path / "run"), **{"train.eval_every_steps": 2, "optim.epochs": 2})
+    cfg = tiny_config(shapes_root, str(tmp_path / "run"), **{"train.eval_every_steps": 2, "optim.epochs": 2,
+                                                             "train.best_metric": "precision@1"})
     _, result = train_losses(cfg)
     per_epoch = result["state"].step // 2
     expected = sorted({(e, s) for e in range(2) for s in range(e * per_epoch + 1, (e + 1) * per_epoch + 1)
@@ -211,6 +212,62 @@ def test_step_interval_validates_within_epochs_once_per_step(shapes_root, tmp_pa
     epochs = [r for r in lines if r["kind"] == "epoch"]  # every epoch's training loss, also where it was deduped
     assert [(r["epoch"], r["step"]) for r in epochs] == [(e, (e + 1) * per_epoch) for e in range(2)]
     assert [r["train_loss"] for r in epochs] == [r["train_loss"] for r in history if "train_loss" in r]
+    # train.best_metric: best.pth holds the first validation with the highest value (an epoch's training loss can
+    # join its record after best.pth was written)
+    best = torch.load(tmp_path / "run" / "best.pth", weights_only=False)
+    values = [r["precision@1"] for r in history]
+    first_best = {k: v for k, v in history[values.index(max(values))].items() if k != "train_loss"}
+    assert {k: v for k, v in best["record"].items() if k != "train_loss"} == first_best
+    assert best["best"] == {"precision@1": max(values)} and best["step"] == first_best["step"]
+
+
+def test_keep_best_writes_only_improvements_that_load_like_checkpoints(shapes_root, tmp_path):
+    from mdetr.checkpoint import load_model
+    from mdetr.train import keep_best, previous_best
+
+    cfg = tiny_config(shapes_root, str(tmp_path), **{"train.best_metric": "precision@1"})
+    model = build_from_config(cfg.model, attention_backend="reference")
+    record = {"epoch": 0, "step": 4, "minutes": 0.1, "precision@1": 0.5}
+    assert keep_best(tmp_path, cfg, record, [], model, None)
+    assert not keep_best(tmp_path, cfg, {**record, "step": 8}, [0.5], model, None)  # a tie is no improvement
+    assert torch.load(tmp_path / "best.pth", weights_only=False)["step"] == 4
+    with torch.no_grad():
+        model.bbox_embed.layers[0].bias.add_(1.0)  # later, different weights
+    assert keep_best(tmp_path, cfg, {**record, "step": 12, "precision@1": 0.75}, [0.5], model, None)
+    loaded, loaded_cfg = load_model(tmp_path / "best.pth")
+    assert loaded_cfg == cfg
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with pytest.raises(ValueError, match=r"train.best_metric='recall@1' is not among this validation's metrics: "
+                                         r"\['precision@1'\]"):
+        keep_best(tmp_path, tiny_config(shapes_root, str(tmp_path), **{"train.best_metric": "recall@1"}),
+                  record, [], model, None)
+    # what a resumed run compares with: the value best.pth was kept for, of the same metric only
+    assert previous_best(tmp_path, "precision@1") == [0.75]
+    assert previous_best(tmp_path, "precision@5") == [] and previous_best(tmp_path / "none", "precision@1") == []
+    # best.pth holds weights only: resuming from it is a clear error
+    with pytest.raises(ValueError, match=r"not a resumable checkpoint \(it holds weights only, like best.pth\)"):
+        run(tiny_config(shapes_root, str(tmp_path / "again"), **{"train.resume": str(tmp_path / "best.pth")}))
+
+
+def test_best_metric_must_be_a_metric_of_the_run(shapes_root, tmp_path):
+    from mdetr.train import check_best_metric
+
+    def cfg(**items):
+        return tiny_config(shapes_root, str(tmp_path), **items)
+
+    check_best_metric(cfg())  # off
+    check_best_metric(cfg(**{"train.best_metric": "precision@10"}))
+    check_best_metric(cfg(**{"train.best_metric": "merged_box_recall@5", "train.eval_task": "grounding"}))
+    check_best_metric(cfg(**{"train.best_metric": "qa_accuracy_type2", "model.qa_dataset": "clevr"}))
+    with pytest.raises(ValueError, match=r"train.best_metric must be a validation metric of this run \(train.eval_task"
+                                         r"='grounding', model.qa_dataset=None\): one of \['any_box_recall@1'.*"
+                                         r"got 'precision@1'"):
+        check_best_metric(cfg(**{"train.best_metric": "precision@1", "train.eval_task": "grounding"}))
+    with pytest.raises(ValueError, match="got 'qa_accuracy'"):
+        check_best_metric(cfg(**{"train.best_metric": "qa_accuracy"}))
+    with pytest.raises(ValueError, match="got 'minutes'"):  # a record's field, not a metric
+        run(cfg(**{"train.best_metric": "minutes"}))
 
 
 def test_negative_step_interval_is_rejected():

@@ -28,6 +28,8 @@ class DataConfig:
     num_val: int = 300
     num_test: int = 300
     seed: int = 0  # shapes: generator seed
+    contrast_pairs: bool = False  # shapes: the train split's relational expressions also get their minimal pairs
+    # (docs/data.md); a change regenerates data.root, so give such runs their own root
     transforms: str = "shapes"  # "shapes" (small images) or "mdetr" (480..800, max 1333)
     augment: bool = True  # False: the train split gets the eval transform (no random resize / crop)
     answer_vocab: str = ""  # QA: JSON answer vocabulary (GQA: gqa_answer2id_by_type.json; CLEVR: a list, optional)

@@ -105,6 +105,27 @@ def test_spans_match_boxes_of_the_scene(world):
                     assert e["caption"][b] != " " and e["caption"][end - 1] != " "
 
 
+def check_refexp(entry, objects, anns):
+    """Parses a referring expression and checks, from the scene alone, that it singles out its annotated object
+    (through the relation where it has one, which must then be needed) and that the span is the head phrase.
+    Returns (the referent's index, whether the expression is relational)."""
+    m = REFEXP.match(entry["caption"])
+    assert m, entry["caption"]
+    candidates = select(objects, m.groupdict(), "h")
+    if m["rel"]:
+        anchors = select(objects, m.groupdict(), "a")
+        assert len(anchors) == 1, entry["caption"]
+        assert len(candidates) >= 2  # the relation is needed
+        candidates = [i for i in candidates if satisfies(m["rel"], objects[i], objects[anchors[0]])]
+    assert len(candidates) == 1, entry["caption"]
+    (ann,) = anns
+    assert ann["bbox"] == objects[candidates[0]]["bbox"]
+    # the span covers the head phrase ("small red circle")
+    (b, end), = ann["tokens_positive"]
+    assert entry["caption"][b:end] == m.group(0)[4:].split(f" {m['rel']} ")[0]
+    return candidates[0], bool(m["rel"])
+
+
 def test_refexp_unique_referent_independently(world):
     root, stats = world
     spatial, distractor, chance = 0, 0, []
@@ -113,26 +134,13 @@ def test_refexp_unique_referent_independently(world):
         anns = anns_by_entry(data)
         for e in data["images"]:
             objects = sc[e["original_img_id"]]["objects"]
-            m = REFEXP.match(e["caption"])
-            assert m, e["caption"]
-            candidates = select(objects, m.groupdict(), "h")
-            if m["rel"]:
-                spatial += 1
-                anchors = select(objects, m.groupdict(), "a")
-                assert len(anchors) == 1, e["caption"]
-                assert len(candidates) >= 2  # the relation is needed
-                candidates = [i for i in candidates if satisfies(m["rel"], objects[i], objects[anchors[0]])]
-            assert len(candidates) == 1, e["caption"]
-            (ann,) = anns[e["id"]]
-            ref = objects[candidates[0]]
-            assert ann["bbox"] == ref["bbox"]
-            # the span covers the head phrase ("small red circle")
-            (b, end), = ann["tokens_positive"]
-            assert e["caption"][b:end] == m.group(0)[4:].split(f" {m['rel']} ")[0]
+            referent, relational = check_refexp(e, objects, anns[e["id"]])
+            spatial += relational
+            ref = objects[referent]
             distractor += any(o is not ref and (o["color"] == ref["color"] or o["shape"] == ref["shape"])
                               for o in objects)
             boxes = box_xywh_to_xyxy(torch.tensor([o["bbox"] for o in objects]))
-            giou = generalized_box_iou(boxes, boxes[candidates[0]][None])[:, 0]
+            giou = generalized_box_iou(boxes, boxes[referent][None])[:, 0]
             chance.append(float((giou >= 0.5).float().mean()))
         assert data["info"]["chance_precision_at_1"] == pytest.approx(stats[split]["chance_precision_at_1"])
     total = len(chance)
@@ -227,3 +235,55 @@ def test_cli_prints_chance_and_stamps(tmp_path, capsys):
     stamp = (root / synthetic.STAMP).stat().st_mtime_ns
     ensure_shapes_dataset(root, num_train=5, num_val=3, num_test=3, seed=4)  # what training calls: no regeneration
     assert (root / synthetic.STAMP).stat().st_mtime_ns == stamp
+
+
+def test_contrast_captions_hand_checked():
+    from mdetr.data.synthetic import Obj, contrast_captions, describe
+
+    objects = [Obj("circle", "red", "small", (0, 0, 20, 20)), Obj("square", "blue", "large", (40, 30, 80, 70)),
+               Obj("circle", "red", "small", (100, 40, 120, 60)), Obj("star", "green", "small", (50, 0, 70, 20))]
+    head, anchor = describe(objects[0], ("color", "shape")), describe(objects[1], ("color", "shape"))
+    pairs = contrast_captions(objects, 0, head, "left of", 1, anchor)
+    assert [(text, annots[0][0]) for text, annots, _ in pairs] == [("the red circle right of the blue square", 2)]
+    (text, [(_, [(b, e)], _)], extras), = pairs
+    assert text[b:e] == "red circle" and extras == {"referent": 2}
+    # a rival in the same column as the anchor has no "right of"; below the square, "below" singles it out
+    objects[2] = Obj("circle", "red", "small", (50, 80, 70, 100))
+    assert [t for t, _, _ in contrast_captions(objects, 0, head, "left of", 1, anchor)] == [
+        "the red circle below the blue square"]
+    objects[2] = Obj("circle", "red", "small", (2, 1, 22, 21))  # beside the referent: nothing tells them apart
+    assert contrast_captions(objects, 0, head, "left of", 1, anchor) == []
+
+
+def test_contrast_pairs_add_checked_train_expressions_only(tmp_path):
+    plain_root, pairs_root = tmp_path / "plain", tmp_path / "pairs"
+    plain = generate_shapes_dataset(plain_root, num_train=40, num_val=6, num_test=6, seed=5)
+    pairs = generate_shapes_dataset(pairs_root, num_train=40, num_val=6, num_test=6, seed=5, contrast_pairs=True)
+    for split in ("val", "test"):  # untouched
+        for task in ("refexp", "mixed"):
+            assert load(plain_root, task, split) == load(pairs_root, task, split)
+    assert pairs["train"]["refexp"] > plain["train"]["refexp"]
+    assert pairs["train"]["spatial_fraction"] > plain["train"]["spatial_fraction"]
+    before, after = load(plain_root, "refexp"), load(pairs_root, "refexp")
+    sc, anns = scenes(pairs_root), anns_by_entry(after)
+    captions = {}
+    for e in after["images"]:
+        check_refexp(e, sc[e["original_img_id"]]["objects"], anns[e["id"]])
+        captions.setdefault(e["original_img_id"], []).append(e["caption"])
+    for e in before["images"]:  # every plain expression is still there
+        assert e["caption"] in captions[e["original_img_id"]]
+    # each added expression has a partner on its image with the same head and anchor and another relation
+    added = [(i, c) for i, cs in captions.items() for c in cs
+             if c not in [e["caption"] for e in before["images"] if e["original_img_id"] == i]]
+    assert added
+    for i, caption in added:
+        rel = REFEXP.match(caption)["rel"]
+        assert any(REFEXP.match(o)["rel"] not in (None, rel) and o.replace(REFEXP.match(o)["rel"], rel) == caption
+                   for o in captions[i]), caption
+    mixed = load(pairs_root, "mixed")
+    assert sum(e["dataset_name"] == "shapes_refexp" for e in mixed["images"]) == len(after["images"])
+    ids = [e["id"] for e in mixed["images"]]
+    assert len(set(ids)) == len(ids) and all("relation" not in e for e in after["images"])
+    for i, cs in captions.items():  # no expression twice on one image
+        assert len(set(cs)) == len(cs), cs
+    assert json.loads((pairs_root / "annotations" / "shapes_refexp_train.json").read_text())["info"]["task"] == "refexp"

@@ -55,7 +55,8 @@ def _ann_path(data_cfg, split: str, ann_file: Optional[str]) -> Path:
 
 def _ensure_from_config(data_cfg) -> Path:
     return ensure_shapes_dataset(data_cfg.root, num_train=data_cfg.num_train, num_val=data_cfg.num_val,
-                                 num_test=data_cfg.num_test, seed=data_cfg.seed)
+                                 num_test=data_cfg.num_test, seed=data_cfg.seed,
+                                 contrast_pairs=data_cfg.contrast_pairs)
 
 
 def build_dataset(data_cfg, split: str, tokenizer, ann_file: Optional[str] = None,

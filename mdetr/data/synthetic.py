@@ -43,7 +43,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -293,10 +293,24 @@ def _spatial_options(objects: Sequence[Obj], i: int, unique: Sequence[List[Desc]
             if a == i or matches(anchor, head) or not anchor_descs:
                 continue
             for rel in RELATIONS:
-                if relation_holds(rel, objects[i], anchor) and all(
-                        relation_holds(rel, objects[j], anchor) is False for j in rivals):
+                if _singles_out(rel, objects, i, rivals, a):
                     options.append((head, rel, a, anchor_descs[0]))
     return options
+
+
+def _singles_out(rel: str, objects: Sequence[Obj], target: int, others: Sequence[int], anchor: int) -> bool:
+    """The target is clearly in the relation to the anchor, and each of ``others`` clearly is not."""
+    return bool(relation_holds(rel, objects[target], objects[anchor])) and all(
+        relation_holds(rel, objects[j], objects[anchor]) is False for j in others)
+
+
+def _relational_caption(head: Desc, rel: str, anchor_desc: Desc) -> Tuple[str, List[int]]:
+    """"the <head> <rel> the <anchor>" and the head phrase's character span."""
+    cap = Caption()
+    cap.add("the ")
+    span = list(cap.add(noun_phrase(head)))
+    cap.add(f" {rel} the {noun_phrase(anchor_desc)}")
+    return cap.text, span
 
 
 def _has_distractor(objects: Sequence[Obj], i: int) -> bool:
@@ -315,16 +329,39 @@ def refexp_caption(rng: np.random.Generator, objects: Sequence[Obj],
         unique, spatial = unique_all[i], _spatial_options(objects, i, unique_all)
         if not unique and not spatial:
             continue
-        cap = Caption()
-        cap.add("the ")
+        extras: Dict[str, Any] = {"referent": i}
         if spatial and (not unique or rng.random() < 0.8):
-            head, rel, _, anchor_desc = spatial[int(rng.integers(len(spatial)))]
-            span = list(cap.add(noun_phrase(head)))
-            cap.add(f" {rel} the {noun_phrase(anchor_desc)}")
+            head, rel, anchor, anchor_desc = spatial[int(rng.integers(len(spatial)))]
+            text, span = _relational_caption(head, rel, anchor_desc)
+            extras["relation"] = (head, rel, anchor, anchor_desc)
         else:
+            cap = Caption()
+            cap.add("the ")
             span = list(cap.add(noun_phrase(unique[int(rng.integers(len(unique)))])))
-        return cap.text, [(i, [span], {})], {"referent": i}
+            text = cap.text
+        return text, [(i, [span], {})], extras
     return None
+
+
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def contrast_captions(objects: Sequence[Obj], referent: int, head: Desc, rel: str, anchor: int,
+                      anchor_desc: Desc) -> List[Tuple[str, Annots, dict]]:
+    """Minimal pairs for a relational expression "the <head> <rel> the <anchor>" of ``referent``: for each other
+    object that ``head`` matches (a rival), the expression with the same head and anchor and a relation that holds
+    for that rival alone, the opposite one first. Only the relation word tells such a pair apart."""
+    matching = [j for j, o in enumerate(objects) if matches(o, head)]
+    pairs = []
+    for j in matching:
+        if j == referent:
+            continue
+        for other in (OPPOSITE[rel],) + tuple(r for r in RELATIONS if r not in (rel, OPPOSITE[rel])):
+            if _singles_out(other, objects, j, [k for k in matching if k != j], anchor):
+                text, span = _relational_caption(head, other, anchor_desc)
+                pairs.append((text, [(j, [span], {})], {"referent": j}))
+                break
+    return pairs
 
 
 def qa_caption(rng: np.random.Generator, objects: Sequence[Obj]) -> Tuple[str, Annots, dict]:
@@ -404,8 +441,10 @@ def _chance(objects: Sequence[Obj], referent: int) -> float:
     return float((giou >= 0.5).double().mean())
 
 
-def generate_split(out: Path, split: str, num_images: int, seed: int) -> Dict[str, float]:
-    """Writes the images and annotation files of one split; returns its statistics."""
+def generate_split(out: Path, split: str, num_images: int, seed: int,
+                   contrast_pairs: bool = False) -> Dict[str, float]:
+    """Writes the images and annotation files of one split; returns its statistics. ``contrast_pairs``: each
+    relational referring expression also gets its minimal pairs (``contrast_captions``) as more refexp entries."""
     image_dir = out / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     files: Dict[str, dict] = {t: {"images": [], "annotations": []} for t in TASKS}
@@ -423,20 +462,34 @@ def generate_split(out: Path, split: str, num_images: int, seed: int) -> Dict[st
         captions: List[Tuple[str, Tuple[str, Annots, dict]]] = [
             ("pretrain", pretrain_caption(rng, objects)), ("grounding", grounding_caption(rng, objects))]
         taken: List[int] = []
+        expressions, pairs = [], []
         for _ in range(2 if rng.random() < 0.5 else 1):
             ref = refexp_caption(rng, objects, taken)
-            if ref is not None:
-                taken.append(ref[2]["referent"])
-                captions.append(("refexp", ref))
-                chance.append(_chance(objects, ref[2]["referent"]))
-                spatial += any(r in ref[0] for r in RELATIONS)
+            if ref is None:
+                continue
+            taken.append(ref[2]["referent"])
+            expressions.append(ref)
+            if contrast_pairs and "relation" in ref[2]:
+                pairs += contrast_captions(objects, ref[2]["referent"], *ref[2]["relation"])
+        texts = [e[0] for e in expressions]
+        for pair in pairs:  # a pair can repeat the image's other expression word for word
+            if pair[0] not in texts:
+                texts.append(pair[0])
+                expressions.append(pair)
+        for expression in expressions:
+            captions.append(("refexp", expression))
+            chance.append(_chance(objects, expression[2]["referent"]))
+            spatial += any(r in expression[0] for r in RELATIONS)
         captions += [("qa", qa_caption(rng, objects)) for _ in range(2)]
+        if len(captions) > ENTRIES_PER_IMAGE:
+            raise ValueError(f"{split} image {index}: {len(captions)} entries, more than the ENTRIES_PER_IMAGE="
+                             f"{ENTRIES_PER_IMAGE} id slots per image")
         for slot, (task, (text, annots, extras)) in enumerate(captions):
             entry_id = index * ENTRIES_PER_IMAGE + slot
             entry = {"file_name": file_name, "height": height, "width": width, "id": entry_id, "caption": text,
                      "dataset_name": f"shapes_{task}", "original_img_id": index, "original_id": entry_id,
                      "sentence_id": slot, "tokens_negative": []}
-            entry.update({k: v for k, v in extras.items() if k != "referent"})
+            entry.update({k: v for k, v in extras.items() if k not in ("referent", "relation")})
             if task == "qa":
                 entry["questionId"] = entry_id
             files[task]["images"].append(entry)
@@ -473,18 +526,23 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def generate_shapes_dataset(out, num_train: int = DEFAULT_SIZES["num_train"], num_val: int = DEFAULT_SIZES["num_val"],
-                            num_test: int = DEFAULT_SIZES["num_test"], seed: int = 0) -> Dict[str, Dict[str, float]]:
-    """Generates all splits under ``out`` (overwriting files of the same names); returns per-split statistics."""
+                            num_test: int = DEFAULT_SIZES["num_test"], seed: int = 0,
+                            contrast_pairs: bool = False) -> Dict[str, Dict[str, float]]:
+    """Generates all splits under ``out`` (overwriting files of the same names); returns per-split statistics.
+    ``contrast_pairs``: the train split's relational referring expressions get their minimal pairs (val and test
+    stay as they are)."""
     out = Path(out)
     sizes = {"train": num_train, "val": num_val, "test": num_test}
-    return {split: generate_split(out, split, n, seed) for split, n in sizes.items()}
+    return {split: generate_split(out, split, n, seed, contrast_pairs and split == "train")
+            for split, n in sizes.items()}
 
 
 STAMP = "shapes_stamp.json"
 
 
 def ensure_shapes_dataset(root, num_train: int = DEFAULT_SIZES["num_train"], num_val: int = DEFAULT_SIZES["num_val"],
-                          num_test: int = DEFAULT_SIZES["num_test"], seed: int = 0) -> Path:
+                          num_test: int = DEFAULT_SIZES["num_test"], seed: int = 0,
+                          contrast_pairs: bool = False) -> Path:
     """Generates the dataset under ``root`` unless a stamp file records the same parameters (and generator
     version). Generation goes to a temporary sibling folder that replaces ``root`` at the end, so an interrupted
     run never leaves a stamped half-dataset. A ``root`` holding anything else than a previous generation is an
@@ -492,7 +550,7 @@ def ensure_shapes_dataset(root, num_train: int = DEFAULT_SIZES["num_train"], num
     runs call it on rank 0 before the others read."""
     root = Path(root)
     params = {"version": GENERATOR_VERSION, "num_train": num_train, "num_val": num_val, "num_test": num_test,
-              "seed": seed}
+              "seed": seed, **({"contrast_pairs": True} if contrast_pairs else {})}
     stamp = root / STAMP
     if stamp.exists():
         try:
@@ -507,7 +565,7 @@ def ensure_shapes_dataset(root, num_train: int = DEFAULT_SIZES["num_train"], num
                          f"pick an empty or dedicated folder for the generated data")
     tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    stats = generate_shapes_dataset(tmp, num_train, num_val, num_test, seed)
+    stats = generate_shapes_dataset(tmp, num_train, num_val, num_test, seed, contrast_pairs)
     (tmp / STAMP).write_text(json.dumps({"params": params, "stats": stats}, indent=1))
     if root.exists():
         shutil.rmtree(root)
@@ -560,11 +618,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--num-val", type=int, default=DEFAULT_SIZES["num_val"])
     parser.add_argument("--num-test", type=int, default=DEFAULT_SIZES["num_test"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--contrast-pairs", action="store_true",
+                        help="the train split's relational expressions also get their minimal pairs "
+                        "(data.contrast_pairs)")
     parser.add_argument("--preview", help="also write a PNG grid of validation images with captions and boxes")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     # stamped like the training's own generation, so `mdetr.train --data.root=DIR` reuses it as it is
-    root = ensure_shapes_dataset(args.out, args.num_train, args.num_val, args.num_test, args.seed)
+    root = ensure_shapes_dataset(args.out, args.num_train, args.num_val, args.num_test, args.seed,
+                                 args.contrast_pairs)
     stats = json.loads((root / STAMP).read_text())["stats"]
     for split, s in stats.items():
         print(f"{split}: {s['images']} images, {s['refexp']} referring expressions, "

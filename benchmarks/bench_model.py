@@ -41,12 +41,16 @@ else:
 PROVIDERS = ("reference", "fused", "fused_triton") if CUDA else ("reference", "fused")
 
 
-@pytest.fixture(scope="module")
-def shapes_train(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    generate_shapes_dataset(root, num_train=max(BATCHES), num_val=1, num_test=1, seed=0)
+def train_dataset(root, size: int = max(BATCHES)) -> ModulatedDetection:
+    """``size`` shapes-world images with their pre-training captions under ``root``, through the train recipe."""
+    generate_shapes_dataset(root, num_train=size, num_val=1, num_test=1, seed=0)
     return ModulatedDetection(root / "images", root / "annotations" / "shapes_pretrain_train.json",
                               load_tokenizer(TEXT_ENCODER), make_transforms("train", TRANSFORMS))
+
+
+@pytest.fixture(scope="module")
+def shapes_train(tmp_path_factory):
+    return train_dataset(tmp_path_factory.mktemp("shapes"))
 
 
 def _batch(dataset, batch_size: int):
@@ -54,20 +58,18 @@ def _batch(dataset, batch_size: int):
     return to_device(collate_fn([dataset[i] for i in range(batch_size)]), DEVICE)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("batch_size", BATCHES)
-def test_train_step(benchmark, shapes_train, batch_size, provider):
+def make_train_step(provider: str, batch):
+    """One training step of ``provider`` on ``batch`` as a closure (fresh model, seed 0), and its backends."""
     if provider == "fused_triton":
         backends = describe(DEVICE, {"attention": "triton"})
     else:
         backends = choose_backends(provider == "fused", DEVICE)
-    torch.manual_seed(0)  # the same initial weights for both providers
+    torch.manual_seed(0)  # the same initial weights for every provider
     model = build_mdetr(text_encoder=TEXT_ENCODER, attention_backend=backends["attention"], **ARCH).to(DEVICE)
     model.train()
     criterion = build_criterion(LossConfig(), ARCH["dec_layers"], None, backends)
     optim_cfg = OptimConfig()
     optimizer = make_optimizer(model, optim_cfg, fused=CUDA)
-    batch = _batch(shapes_train, batch_size)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -79,6 +81,14 @@ def test_train_step(benchmark, shapes_train, batch_size, provider):
         optimizer.step()
         return loss
 
+    return step, backends
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("batch_size", BATCHES)
+def test_train_step(benchmark, shapes_train, batch_size, provider):
+    batch = _batch(shapes_train, batch_size)
+    step, backends = make_train_step(provider, batch)
     run_timed(benchmark, step, DEVICE, rounds=ROUNDS, warmup=WARMUP)
     synchronize(DEVICE)
     tokens = int((~batch["mask"][:, ::32, ::32]).sum(dim=(1, 2)).max())

@@ -17,30 +17,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import benchmarks.bench_model as bm
-from mdetr.data import ModulatedDetection, make_transforms
-from mdetr.data.synthetic import generate_shapes_dataset
-from mdetr.pretrained import load_tokenizer
-
-
-def build_step(provider: str, batch):
-    backends = (bm.describe(bm.DEVICE, {"attention": "triton"}) if provider == "fused_triton"
-                else bm.choose_backends(provider == "fused", bm.DEVICE))
-    torch.manual_seed(0)
-    model = bm.build_mdetr(text_encoder=bm.TEXT_ENCODER, attention_backend=backends["attention"], **bm.ARCH)
-    model = model.to(bm.DEVICE).train()
-    criterion = bm.build_criterion(bm.LossConfig(), bm.ARCH["dec_layers"], None, backends)
-    optim_cfg = bm.OptimConfig()
-    optimizer = bm.make_optimizer(model, optim_cfg, fused=bm.CUDA)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with bm.autocast(bm.DEVICE, bm.PRECISION):
-            outputs = model(batch["images"], batch["mask"], batch["captions"])
-        loss = criterion.total(criterion(outputs, batch))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.clip_max_norm)
-        optimizer.step()
-    return step
 
 
 def main() -> None:
@@ -49,14 +25,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=10)
     args = ap.parse_args()
-    root = Path(tempfile.mkdtemp())
-    generate_shapes_dataset(root, num_train=args.batch, num_val=1, num_test=1, seed=0)
-    ds = ModulatedDetection(root / "images", root / "annotations" / "shapes_pretrain_train.json",
-                            load_tokenizer(bm.TEXT_ENCODER), make_transforms("train", bm.TRANSFORMS))
-    batch = bm._batch(ds, args.batch)
+    batch = bm._batch(bm.train_dataset(Path(tempfile.mkdtemp()), args.batch), args.batch)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bm.CUDA else [])
     for provider in bm.PROVIDERS:
-        step = build_step(provider, batch)
+        step, _ = bm.make_train_step(provider, batch)
         for _ in range(3):
             step()
         bm.synchronize(bm.DEVICE)

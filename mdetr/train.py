@@ -68,6 +68,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 def run(cfg: Config, on_log=None) -> Dict[str, object]:
     """Train according to ``cfg``. Returns the final validation metrics and the training state."""
+    check_best_metric(cfg)  # first: before data generation, model building or any output; every rank alike
     device, rank, world = dist_utils.init_from_env(cfg.train.device)
     main = rank == 0
     if cfg.train.threads > 0:
@@ -93,7 +94,6 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
     state = TrainState()
 
-    check_best_metric(cfg)  # before any training: every rank fails alike
     resume_from = ckpt.find_resume(cfg.train.resume, out_dir)
     best_before: List[float] = []  # a resumed run's best.pth may hold a validation its checkpoint's history lacks
     if resume_from is not None:

@@ -58,8 +58,12 @@ def _batch(dataset, batch_size: int):
     return to_device(collate_fn([dataset[i] for i in range(batch_size)]), DEVICE)
 
 
-def make_train_step(provider: str, batch):
-    """One training step of ``provider`` on ``batch`` as a closure (fresh model, seed 0), and its backends."""
+def make_train_step(provider: str, batch, mark=None):
+    """One training step of ``provider`` on ``batch`` as a closure (fresh model, seed 0), and its backends.
+
+    ``mark(phase)``, when given, is called after each phase of the step ("forward", "loss", "backward",
+    "optimizer"): the profile script synchronizes there to split the step's wall time."""
+    mark = mark or (lambda phase: None)
     if provider == "fused_triton":
         backends = describe(DEVICE, {"attention": "triton"})
     else:
@@ -75,10 +79,14 @@ def make_train_step(provider: str, batch):
         optimizer.zero_grad(set_to_none=True)
         with autocast(DEVICE, PRECISION):
             outputs = model(batch["images"], batch["mask"], batch["captions"])
+        mark("forward")
         loss = criterion.total(criterion(outputs, batch))
+        mark("loss")
         loss.backward()
+        mark("backward")
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.clip_max_norm)
         optimizer.step()
+        mark("optimizer")
         return loss
 
     return step, backends

@@ -38,6 +38,24 @@ def main() -> None:
             step()
             bm.synchronize(bm.DEVICE)
             walls.append(time.perf_counter() - t)
+        # the same step again, synchronized after each phase: where the wall time goes
+        phases: dict[str, list[float]] = {}
+        clock = [0.0]
+
+        def mark(phase: str) -> None:
+            bm.synchronize(bm.DEVICE)
+            now = time.perf_counter()
+            phases.setdefault(phase, []).append(now - clock[0])
+            clock[0] = now
+
+        phased, _ = bm.make_train_step(provider, batch, mark)
+        for i in range(3 + args.steps):
+            if i == 3:
+                phases.clear()
+            bm.synchronize(bm.DEVICE)
+            clock[0] = time.perf_counter()
+            phased()
+        del phased
         n_prof = 5
         with profile(activities=activities) as prof:
             for _ in range(n_prof):
@@ -50,6 +68,8 @@ def main() -> None:
         print(f"\n## {provider}, B={args.batch}: wall {statistics.median(walls) * 1e3:.1f} ms median "
               f"(min {min(walls) * 1e3:.1f}, {args.steps} steps); GPU busy {gpu_ms:.1f} ms/step; "
               f"{launches:.0f} kernels/step")
+        print("phases, synchronized (ms median): " + ", ".join(
+            f"{name} {statistics.median(ts) * 1e3:.1f}" for name, ts in phases.items()))
         if kernels:
             print("top GPU kernels (ms/step, calls/step):")
             for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:args.top]:

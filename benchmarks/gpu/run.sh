@@ -4,6 +4,7 @@
 # section (card, versions) to benchmarks/RESULTS.md. Runs from a plain checkout with the package's requirements
 # (the two weight packages included) importable:
 #   PYTHONPATH=. bash benchmarks/gpu/run.sh            (results also land in $OUT when that is set)
+# RUNBOOK_SUITES picks benchmark suites (default: all five, "matcher attention_b16 losses model attention_rest").
 # Budget: RUNBOOK_BUDGET_S seconds (default 480) for all stages together; each stage also has its own cap, and a
 # stage that hits one is cut, so the suites after it still run and the summary says which did not finish.
 set -uo pipefail
@@ -48,7 +49,7 @@ python -c "import detr_kernels; detr_kernels.report(detr_kernels.describe('cuda'
 
 # Each suite in its own process and JSON (a suite cut by its cap writes none); the attention suite in two parts,
 # the headline batch (B=16) first.
-for name in matcher attention_b16 losses model attention_rest; do
+for name in ${RUNBOOK_SUITES:-matcher attention_b16 losses model attention_rest}; do
     case $name in
         matcher) s=60; args=(benchmarks/bench_matcher.py) ;;
         attention_b16) s=130; args=(benchmarks/bench_attention.py -k B16) ;;

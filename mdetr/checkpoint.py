@@ -37,12 +37,21 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``: a crash leaves
     either the old file or the new one, never a torn one."""
+    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    """``atomic_save`` for a text file (a run's config.yaml)."""
+    _atomic_write(path, lambda f: f.write(text), "w")
+
+
+def _atomic_write(path: str | Path, write, mode: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -50,6 +59,21 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(output_dir: str | Path, state: Dict[str, Any], epoch: int, keep: int = 0) -> Path:
@@ -72,6 +96,7 @@ def save_checkpoint(output_dir: str | Path, state: Dict[str, Any], epoch: int, k
         os.replace(tmp, epoch_file)
     finally:
         tmp.unlink(missing_ok=True)
+    fsync_dir(output_dir)
     if keep:  # files of later epochs (an older run's, in a reused folder) are neither counted nor deleted
         earlier = [p for p in epoch_checkpoints(output_dir) if _epoch_of(p) <= epoch]
         for old in earlier[:-keep]:

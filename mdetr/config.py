@@ -414,6 +414,13 @@ def validate(cfg: Config) -> None:
                          f"got {cfg.train.eval_every_steps}")
     if cfg.train.keep_checkpoints < 0:
         raise ValueError(f"train.keep_checkpoints must be >= 0 (0 = keep all), got {cfg.train.keep_checkpoints}")
+    for key, value, meaning in (("train.max_steps", cfg.train.max_steps, "0 = no limit"),
+                                ("train.time_limit_min", cfg.train.time_limit_min, "0 = no limit")):
+        if value < 0:
+            raise ValueError(f"{key} must be >= 0 ({meaning}), got {value}")
+    for key, value in (("optim.ema_decay", cfg.optim.ema_decay), ("optim.warmup_fraction", cfg.optim.warmup_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{key} must be in [0, 1], got {value}")
 
 
 def from_dict(tree: Dict[str, Any]) -> Config:
@@ -437,7 +444,10 @@ def differences(old: Config, new: Config, sections: Sequence[str] = ("data", "mo
 
 
 def save(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write ``cfg`` as YAML, atomically (a crash leaves the old file or the new one)."""
+    from mdetr.checkpoint import atomic_write_text
+
+    atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), path)
 
 
 def cli_help() -> List[str]:

@@ -82,8 +82,9 @@ class ModelEMA:
 
 @dataclass
 class TrainState:
-    epoch: int = 0  # the next epoch to run
+    epoch: int = 0  # the next epoch to run (or the one to finish, when ``micro`` > 0)
     step: int = 0  # optimizer steps done
+    micro: int = 0  # micro-batches of ``epoch`` already trained: > 0 after a stop within the epoch
     history: List[Dict[str, float]] = field(default_factory=list)  # one dict per validation
 
 
@@ -112,18 +113,27 @@ def train_one_epoch(model: nn.Module, criterion, loader: Iterable, optimizer: to
                     log_every: int, max_steps: int = 0, deadline: Optional[float] = None,
                     on_log: Optional[Callable[[Dict[str, float]], None]] = None,
                     progress=None, on_step: Optional[Callable[[], None]] = None) -> Dict[str, float]:
-    """One pass over ``loader``. Returns the epoch's mean of each logged loss. ``on_step`` runs after every
-    optimizer step (and its logging); it may switch the model to eval mode, training resumes in train mode."""
+    """One pass over ``loader`` (whose first ``state.micro`` batches the caller has skipped: ``set_epoch(epoch,
+    skip=state.micro)``). Returns the mean of each logged loss over the batches trained. On return ``state.micro``
+    is 0 when the epoch is done, or the micro-batches done when ``deadline`` or ``max_steps`` stopped it (always a
+    whole number of accumulation windows). A last window of fewer than ``grad_accum`` batches is not trained.
+    ``on_step`` runs after every optimizer step (and its logging); it may switch the model to eval mode, training
+    resumes in train mode."""
     model.train()
     criterion.train()
     accum = max(1, optim_cfg.grad_accum)
+    usable = len(loader) // accum * accum  # the whole accumulation windows of an epoch
+    done = state.micro
     sums: Dict[str, Tensor] = {}
     count = 0
     epoch_sums: Dict[str, float] = {}
     epoch_count = 0
     tic = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    for micro, batch in enumerate(loader):
+    for micro, batch in enumerate(loader, start=state.micro):
+        if micro >= usable:
+            break
+        done = micro + 1
         batch = to_device(batch, device)
         last_micro = (micro + 1) % accum == 0
         sync = contextlib.nullcontext()
@@ -159,7 +169,8 @@ def train_one_epoch(model: nn.Module, criterion, loader: Iterable, optimizer: to
             progress.update(1)
         if state.step % log_every == 0:
             record = {k: (v / count).item() for k, v in sums.items()}
-            if not math.isfinite(record["loss"]):  # checked where the loss comes to the host anyway (no extra sync)
+            # checked where the loss comes to the host anyway; every rank stops when any rank's loss is not finite
+            if not_finite_anywhere(record["loss"]):
                 raise FloatingPointError(
                     f"non-finite training loss in the {count} steps up to step {state.step} (epoch {state.epoch}): "
                     + ", ".join(f"{k}={v:.4g}" for k, v in record.items())
@@ -176,7 +187,7 @@ def train_one_epoch(model: nn.Module, criterion, loader: Iterable, optimizer: to
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
             if on_log is not None:
                 on_log(record)
-            if deadline is not None and _past(deadline):
+            if deadline is not None and past_deadline(deadline):
                 break
         if max_steps and state.step >= max_steps:
             break
@@ -188,10 +199,17 @@ def train_one_epoch(model: nn.Module, criterion, loader: Iterable, optimizer: to
         for k, v in sums.items():
             epoch_sums[k] = epoch_sums.get(k, 0.0) + v.item()
         epoch_count += count
+    state.micro = done if done < usable else 0
     return {k: v / max(epoch_count, 1) for k, v in epoch_sums.items()}
 
 
-def _past(deadline: float) -> bool:
+def not_finite_anywhere(loss: float) -> bool:
+    """Whether ``loss`` is NaN or infinite on any rank (all ranks must stop together, or the others hang)."""
+    bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0])
+    return bool(dist_utils.all_reduce_sum(bad).item() > 0)
+
+
+def past_deadline(deadline: float) -> bool:
     """Whether any rank's clock passed ``deadline`` (``time.perf_counter`` seconds): all ranks stop together."""
     late = torch.tensor([float(time.perf_counter() >= deadline)])
     return bool(dist_utils.all_reduce_sum(late).item() > 0)

@@ -57,6 +57,7 @@ from mdetr.evaluation.qa import QAEvaluator
 from mdetr.evaluation.refexp import OVERLAPS, RefExpEvaluator
 from mdetr.models import PostProcess, rank_boxes_per_phrase
 from mdetr.models.postprocess import scale_boxes
+from mdetr.predict import find_answer_vocab
 from mdetr.pretrained import load_tokenizer
 
 TASKS = ("refexp", "grounding", "qa", "coco")
@@ -69,8 +70,9 @@ OVERLAP_NAMES = {"giou": "GIoU", "iou": "IoU"}
 # data
 
 def load_dataset(cfg, task: str, split: str, ann: Optional[str] = None,
-                 image_dir: Optional[str] = None) -> ModulatedDetection:
-    """The annotation file ``task`` reads (see the module docstring), with the eval transforms."""
+                 image_dir: Optional[str] = None, answer_vocab=None) -> ModulatedDetection:
+    """The annotation file ``task`` reads (see the module docstring), with the eval transforms; ``answer_vocab``:
+    the QA model's (``mdetr.predict.find_answer_vocab``), so that answer ids mean what they meant in training."""
     data_cfg = dataclasses.replace(cfg.data, image_dir=image_dir) if image_dir else cfg.data
     if image_dir and not Path(image_dir).is_dir():
         raise ValueError(f"--image-dir {image_dir!r}: no such folder")
@@ -86,7 +88,8 @@ def load_dataset(cfg, task: str, split: str, ann: Optional[str] = None,
     rank0 = dist_utils.is_main()
     if generate and not rank0:
         dist_utils.barrier()  # rank 0 generates the shapes world first, when it is missing
-    dataset = build_dataset(data_cfg, split, tokenizer, ann_file, generate=generate and rank0)
+    dataset = build_dataset(data_cfg, split, tokenizer, ann_file, generate=generate and rank0,
+                            answer_vocab=answer_vocab)
     if generate and rank0:
         dist_utils.barrier()
     dataset.transforms = make_transforms("eval", data_cfg.transforms)  # --split train: no augmentation
@@ -263,14 +266,20 @@ def evaluate_checkpoint(checkpoint: str, task: str, split: str = "test", ann: Op
         raise ValueError("--device cuda: torch.cuda.is_available() is False on this machine")
     torch_device, rank, world = dist_utils.init_from_env(device)
     model, cfg = load_model(checkpoint, torch_device, weights)
-    dataset = load_dataset(cfg, task, split, ann, image_dir)
+    answer_vocab = None
+    if task == "qa" and model.qa_dataset is not None:
+        answer_vocab, _ = find_answer_vocab(checkpoint, cfg)  # the vocabulary training used
+    dataset = load_dataset(cfg, task, split, ann, image_dir, answer_vocab)
     indices = select_samples(dataset, task, model.qa_dataset)
     loader = build_loader(Subset(dataset, indices[rank::world]), batch_size or cfg.data.batch_size, shuffle=False,
                           num_workers=cfg.data.num_workers if num_workers is None else num_workers, seed=0)
     evaluator = run_evaluator(model, loader, task, make_evaluator(task, model.qa_dataset, iou_type), torch_device,
                               precision)
+    result = report(task, evaluator)
+    if task == "refexp":  # an entry whose one box the transforms clipped away to nothing is not scored
+        result["counts"]["expressions_without_box"] = len(indices) - result["counts"]["expressions"]
     return {"task": task, "split": split, "annotation_file": str(dataset.ann_file), "checkpoint": str(checkpoint),
-            "weights": model.loaded_weights, "samples": len(indices), **report(task, evaluator)}
+            "weights": model.loaded_weights, "samples": len(indices), **result}
 
 
 def default_out(checkpoint: str, task: str, split: str, ann: Optional[str]) -> Path:
@@ -303,7 +312,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         result = evaluate_checkpoint(args.checkpoint, args.task, args.split, args.ann, args.image_dir, args.weights,
                                      args.batch_size, args.num_workers, args.device, args.precision, args.iou_type)
         main_rank = dist_utils.is_main()
-    except (ValueError, RuntimeError, ImportError) as err:  # bad arguments, an unreadable checkpoint, no pycocotools
+    except (ValueError, RuntimeError, ImportError, OSError) as err:  # bad arguments, an unreadable checkpoint, no
+        # pycocotools, a text encoder that is not on this machine
         parser.error(str(err))
     finally:
         dist_utils.shutdown()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,8 @@ from mdetr import config as config_mod
 from mdetr import distributed as dist_utils
 from mdetr.config import Config
 from mdetr.data import build_datasets, build_loader
-from mdetr.engine import ModelEMA, TrainState, make_optimizer, steps_per_epoch, train_one_epoch, unwrap
+from mdetr.engine import (ModelEMA, TrainState, make_optimizer, past_deadline, steps_per_epoch, train_one_epoch,
+                          unwrap)
 from mdetr.evaluate import make_evaluator, run_evaluators
 from mdetr.losses.criterion import build_criterion
 from mdetr.models import build_from_config
@@ -106,14 +108,18 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
         optimizer.load_state_dict(saved["optimizer"])
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
-        state = TrainState(epoch=saved["epoch"] + 1, step=saved["step"], history=saved.get("history", []))
+        micro = saved.get("micro", 0)  # > 0: the run stopped within that epoch, which resumes at the next batch
+        state = TrainState(epoch=saved["epoch"] + (micro == 0), step=saved["step"], micro=micro,
+                           history=saved.get("history", []))
         rng = saved["rng"]
-        if isinstance(rng, list) and len(rng) != world:
-            raise RuntimeError(f"checkpoint {resume_from} was written by {len(rng)} processes, this run has {world}: "
-                               f"an exact resume needs the same world size")
+        written_by = len(rng) if isinstance(rng, list) else 1
+        if written_by != world:
+            raise RuntimeError(f"checkpoint {resume_from} was written by {written_by} process(es), this run has "
+                               f"{world}: an exact resume needs the same world size")
         ckpt.set_rng_state(rng[rank] if isinstance(rng, list) else rng)
         if main:
-            print(f"resumed from {resume_from}: epoch {state.epoch}, step {state.step}")
+            print(f"resumed from {resume_from}: epoch {state.epoch}"
+                  + (f" after its first {state.micro} batches" if state.micro else "") + f", step {state.step}")
             changed = config_mod.differences(config_mod.from_dict(saved["config"]), cfg) if "config" in saved else []
             if changed:  # allowed (e.g. more epochs), but the continuation is then not the interrupted run's
                 print("the run continues with settings that differ from the checkpoint's: " + "; ".join(changed))
@@ -180,6 +186,8 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
                   **train_loss, **metrics}
         earlier = best_before + [r[cfg.train.best_metric] for r in state.history if cfg.train.best_metric in r]
         state.history.append(record)
+        if cfg.train.best_metric:  # every rank holds the same (all-reduced) metrics, so every rank raises alike
+            require_metric(cfg.train.best_metric, record)
         if main and cfg.train.best_metric:
             keep_best(out_dir, cfg, record, earlier, eval_model, train_set.answer_vocab)
         if main:
@@ -197,14 +205,19 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
     while state.epoch < cfg.optim.epochs:
         if cfg.train.max_steps and state.step >= cfg.train.max_steps:
             break
-        train_loader.set_epoch(state.epoch)
+        train_loader.set_epoch(state.epoch, skip=state.micro)
         epoch_losses = train_one_epoch(
             model, criterion, train_loader, optimizer, scaler, ema, state, cfg.optim, total_steps, device,
             cfg.train.precision, cfg.train.log_every, cfg.train.max_steps, deadline, on_log=log_train if main else on_log,
             progress=progress, on_step=on_step if every else None)
         if main and "loss" in epoch_losses:  # every epoch's mean training loss, validated at its end or not
             log.log("epoch", {"epoch": state.epoch, "step": state.step, "train_loss": epoch_losses["loss"]})
-        if (state.epoch + 1) % cfg.train.eval_every == 0 or state.epoch + 1 == cfg.optim.epochs:
+        # the run ends here when it stopped within the epoch, or at its end by max_steps, the time limit or the last
+        # epoch; it always ends with a validation (past_deadline is a collective: every rank calls it here)
+        out_of_time = deadline is not None and past_deadline(deadline)
+        last = (state.micro > 0 or out_of_time or state.epoch + 1 == cfg.optim.epochs
+                or bool(cfg.train.max_steps and state.step >= cfg.train.max_steps))
+        if last or (state.epoch + 1) % cfg.train.eval_every == 0:
             validate_now(epoch_losses)
         if main:
             ckpt.save_checkpoint(out_dir, {
@@ -213,6 +226,7 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "epoch": state.epoch,
+                "micro": state.micro,  # > 0: the epoch stopped after this many batches; resume finishes it
                 "step": state.step,
                 "history": state.history,
                 "rng": _gather_rng(world),
@@ -222,11 +236,12 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
         else:
             _gather_rng(world)
         dist_utils.barrier()
-        state.epoch += 1
-        if deadline is not None and time.perf_counter() >= deadline:
-            if main:
-                print(f"stopped in epoch {state.epoch - 1} at step {state.step}: train.time_limit_min="
-                      f"{cfg.train.time_limit_min} reached")
+        if out_of_time and main:
+            print(f"stopped in epoch {state.epoch} at step {state.step}: train.time_limit_min="
+                  f"{cfg.train.time_limit_min} reached")
+        if state.micro == 0:
+            state.epoch += 1
+        if last:
             break
     if progress is not None:
         progress.close()
@@ -251,7 +266,7 @@ def check_best_metric(cfg: Config) -> None:
         known = [f"precision@{k}" for k in KS]
         if cfg.model.qa_dataset is not None:
             known += ["qa_accuracy", "qa_type_accuracy", "qa_accuracy_type<t>"]
-    qa_type = name.startswith("qa_accuracy_type") and "qa_accuracy_type<t>" in known
+    qa_type = re.fullmatch(r"qa_accuracy_type\d+", name) is not None and "qa_accuracy_type<t>" in known
     if name not in known and not qa_type:
         raise ValueError(f"train.best_metric must be a validation metric of this run (train.eval_task="
                          f"{cfg.train.eval_task!r}, model.qa_dataset={cfg.model.qa_dataset!r}): one of {known}, "
@@ -268,6 +283,14 @@ def previous_best(out_dir, name: str) -> List[float]:
     return [] if value is None else [float(value)]
 
 
+def require_metric(name: str, record: Dict[str, float]) -> None:
+    """ValueError when ``train.best_metric`` ``name`` is not in a validation ``record`` (e.g. a QA answer type
+    without questions in the val split)."""
+    if name not in record:
+        raise ValueError(f"train.best_metric={name!r} is not among this validation's metrics: "
+                         f"{sorted(k for k in record if k not in ('epoch', 'step', 'minutes', 'train_loss'))}")
+
+
 def keep_best(out_dir, cfg: Config, record: Dict[str, float], earlier: Sequence[float], eval_model,
               answer_vocab) -> bool:
     """Write ``best.pth`` (atomically) when ``record`` beats every ``earlier`` value of ``train.best_metric``
@@ -275,9 +298,7 @@ def keep_best(out_dir, cfg: Config, record: Dict[str, float], earlier: Sequence[
     a training checkpoint, but does not resume), the configuration and the record (whose ``train_loss`` may be
     missing: an epoch's loss joins a record validated at its last step afterwards). Returns whether it did."""
     name = cfg.train.best_metric
-    if name not in record:
-        raise ValueError(f"train.best_metric={name!r} is not among this validation's metrics: "
-                         f"{sorted(k for k in record if k not in ('epoch', 'step', 'minutes', 'train_loss'))}")
+    require_metric(name, record)
     if earlier and record[name] <= max(earlier):
         return False
     weights = eval_model.state_dict()

@@ -249,6 +249,27 @@ PRESET_EVAL = {"shapes": 224, "mdetr": 800}
 PRESET_MAX = {"shapes": 320, "mdetr": 1333}
 
 
+def test_test_split_file_comes_from_the_val_file_name():
+    from mdetr.data import _ann_path
+
+    cfg = DataConfig(dataset="mdetr", root="/data/my_val", val_ann="refs_val/final_refcocog_val.json")
+    assert _ann_path(cfg, "test", None) == Path("/data/my_val/refs_val/final_refcocog_test.json")  # the name only
+    cfg = DataConfig(dataset="mdetr", root="/data", val_ann="finetune_gqa_testdev_balanced.json")
+    with pytest.raises(ValueError, match=r"split 'test': no test file to derive from data.val_ann="
+                                         r"'finetune_gqa_testdev_balanced.json'.*--ann FILE"):
+        _ann_path(cfg, "test", None)
+
+
+@pytest.mark.parametrize("preset", ["shapes", "mdetr"])
+def test_eval_transform_draws_no_random_numbers(preset):
+    # a validation within an epoch must leave the training's RNG stream (dropout masks) as it was
+    image, boxes, _ = painted_image()
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    make_transforms("val", preset)(image, {"boxes": boxes.clone()})
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_crop_keeps_every_box_whole():
     image, boxes, _ = painted_image()
     crop = RandomCropKeepingBoxes(60, 150)
@@ -348,6 +369,23 @@ def test_loader_shuffle_is_seeded(world, tokenizer):
         return [t["image_id"] for t in next(iter(loader))["targets"]]
 
     assert order(1, 0) == order(1, 0) and order(1, 0) != order(1, 1) and order(1, 0) != order(2, 0)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_loader_skip_resumes_an_epoch_after_its_first_batches(world, tokenizer, groups):
+    ds = ModulatedDetection(world / "images", world / "annotations" / "shapes_refexp_train.json", tokenizer)
+    loader = build_loader(ds, batch_size=2, shuffle=True, num_workers=0, seed=5, aspect_groups=groups)
+
+    def ids(epoch, skip=0):
+        loader.set_epoch(epoch, skip=skip)
+        return [[t["image_id"] for t in b["targets"]] for b in loader]
+
+    full = ids(1)
+    assert len(full) == len(loader) >= 3
+    assert ids(1, skip=2) == full[2:] and ids(1, skip=len(loader)) == []
+    assert ids(1) == full and len(loader) == len(full)  # the skip is per set_epoch; the length stays the epoch's
+    with pytest.raises(ValueError, match=rf"skip must be in \[0, {len(loader)}\]"):
+        loader.set_epoch(1, skip=len(loader) + 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

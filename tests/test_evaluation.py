@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from mdetr import config as C
 from mdetr.data import ensure_shapes_dataset
 from mdetr.data.annotations import phrase_box_map
+from mdetr.data.synthetic import ANSWER_VOCAB
 from mdetr.evaluation.coco import METRICS, CocoEvaluator
 from mdetr.evaluation.grounding import PhraseGroundingEvaluator, merge_boxes
 from mdetr.evaluation.qa import QAEvaluator
@@ -299,6 +300,8 @@ def test_cli_tasks(checkpoints, tmp_path, capsys, task, ckpt, keys):
     main(["--checkpoint", checkpoints[ckpt], "--task", task, "--out", str(out), "--weights", "model"])
     report = json.loads(out.read_text())
     assert keys <= set(report["metrics"]) and report["task"] == task and report["weights"] == "model"
+    if task == "refexp":  # every selected entry is either scored or counted as without a box
+        assert report["counts"]["expressions"] + report["counts"]["expressions_without_box"] == report["samples"]
     assert f"wrote {out}" in capsys.readouterr().out
 
 
@@ -383,6 +386,30 @@ def test_cli_bad_inputs_name_the_argument(checkpoints, capsys, args, message):
         main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_qa_evaluation_reads_answers_in_the_vocabulary_of_training(checkpoints, tmp_path, monkeypatch):
+    # a CLEVR-style file without info.answer_vocab would otherwise number its own (sorted) attribute answers
+    import mdetr.evaluate as E
+
+    data = json.loads((Path(checkpoints["root"]) / "annotations" / "shapes_qa_test.json").read_text())
+    del data["info"]["answer_vocab"]
+    ann = tmp_path / "qa_without_vocab.json"
+    ann.write_text(json.dumps(data))
+    seen = {}
+    real = E.run_evaluator
+
+    def spy(model, loader, *args, **kwargs):
+        seen["vocab"] = loader.dataset.dataset.answer_vocab
+        return real(model, loader, *args, **kwargs)
+
+    monkeypatch.setattr(E, "run_evaluator", spy)
+    saved = torch.load(checkpoints["clevr"], weights_only=False)
+    trained = list(reversed(ANSWER_VOCAB))  # what a training run saved: the ids its heads learned
+    checkpoint = tmp_path / "clevr_with_vocab.pth"
+    torch.save(dict(saved, answer_vocab=trained), checkpoint)
+    E.evaluate_checkpoint(str(checkpoint), "qa", ann=str(ann), weights="model")
+    assert seen["vocab"] == trained
 
 
 def test_ema_asked_of_a_run_without_ema_reports_the_live_weights(checkpoints, tmp_path):

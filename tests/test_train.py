@@ -58,8 +58,12 @@ def test_time_limit_stops_mid_epoch_then_validates_and_saves(shapes_root, tmp_pa
     cfg = tiny_config(shapes_root, str(tmp_path / "run"), **{"optim.epochs": 3, "train.time_limit_min": 1e-4})
     _, result = train_losses(cfg)
     state = result["state"]
-    assert (state.epoch, state.step) == (1, 1) and "train.time_limit_min=0.0001 reached" in capsys.readouterr().out
+    # stopped after the first step of epoch 0, which a resume finishes (state.micro batches are done)
+    assert (state.epoch, state.step, state.micro) == (0, 1, 1)
+    assert "train.time_limit_min=0.0001 reached" in capsys.readouterr().out
     assert "precision@1" in result["metrics"] and (tmp_path / "run" / "checkpoint.pth").exists()
+    saved = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=False)
+    assert (saved["epoch"], saved["micro"], saved["step"]) == (0, 1, 1)
 
 
 def test_non_finite_loss_stops_training_before_a_checkpoint(shapes_root, tmp_path, monkeypatch):
@@ -86,6 +90,71 @@ def test_resume_reproduces_the_next_steps_exactly(shapes_root, tmp_path, capsys)
     assert losses_resumed == losses_full[steps_per_epoch:]  # bit-exact on CPU (aspect-ratio grouped batches)
     out = capsys.readouterr().out
     assert "resumed from" in out and "differ from the checkpoint's" not in out
+    # stopped by the time limit after the first step of epoch 0, then resumed: the same remaining steps
+    run(tiny_config(shapes_root, str(tmp_path / "c"), **{"train.time_limit_min": 1e-4}))
+    capsys.readouterr()
+    losses_rest, result = train_losses(tiny_config(shapes_root, str(tmp_path / "c"), **{"train.resume": "auto"}))
+    assert "resumed from" in capsys.readouterr().out
+    assert losses_rest == losses_full[1:] and result["state"].step == len(losses_full)
+
+
+class _CountingCriterion(torch.nn.Module):
+    """A stand-in criterion: the loss is the model's output; counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, outputs, batch):
+        self.calls += 1
+        return {"loss_x": outputs}
+
+    @staticmethod
+    def total(losses):
+        return losses["loss_x"]
+
+
+class _Scalar(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, images, mask, captions):
+        return (self.w * images).sum()
+
+
+@pytest.mark.parametrize("accum, max_steps, start, expected", [
+    (2, 0, 0, (4, 2, 0)),  # 5 batches, windows of 2: the last, partial window is not trained
+    (1, 0, 0, (5, 5, 0)),
+    (2, 1, 0, (2, 1, 2)),  # max_steps stops within the epoch: 2 micro-batches done
+    (2, 0, 2, (2, 1, 0)),  # resumed after 2 micro-batches: the remaining whole window
+])
+def test_train_one_epoch_counts_micro_batches(accum, max_steps, start, expected):
+    from mdetr.config import OptimConfig
+    from mdetr.engine import TrainState, train_one_epoch
+
+    batches = [{"images": torch.full((1,), float(i)), "mask": torch.zeros(1), "captions": ["a"]} for i in range(5)]
+
+    class Loader(list):
+        def __len__(self):  # the epoch's length, whatever the caller skipped
+            return 5
+
+    model, criterion = _Scalar(), _CountingCriterion()
+    optimizer = torch.optim.SGD([{"params": [model.w], "name": "rest"}] + [  # make_optimizer's three lr groups
+        {"params": [torch.nn.Parameter(torch.zeros(()))], "name": name} for name in ("backbone", "text_encoder")], lr=0.0)
+    state = TrainState(micro=start)
+    cfg = OptimConfig(grad_accum=accum, clip_max_norm=0.0)
+    train_one_epoch(model, criterion, Loader(batches[start:]), optimizer, None, None, state, cfg, 10,
+                    torch.device("cpu"), "fp32", log_every=1, max_steps=max_steps)
+    assert (criterion.calls, state.step, state.micro) == expected
+
+
+def test_a_run_ends_with_a_validation_when_max_steps_stops_it(shapes_root, tmp_path):
+    cfg = tiny_config(shapes_root, str(tmp_path / "run"), **{"optim.epochs": 3, "train.eval_every": 3,
+                                                             "train.max_steps": 1})
+    _, result = train_losses(cfg)
+    assert result["state"].step == 1 and [r["step"] for r in result["state"].history] == [1]
+    assert "precision@1" in result["metrics"]
 
 
 def _fake_batch():
@@ -266,6 +335,8 @@ def test_best_metric_must_be_a_metric_of_the_run(shapes_root, tmp_path):
         check_best_metric(cfg(**{"train.best_metric": "precision@1", "train.eval_task": "grounding"}))
     with pytest.raises(ValueError, match="got 'qa_accuracy'"):
         check_best_metric(cfg(**{"train.best_metric": "qa_accuracy"}))
+    with pytest.raises(ValueError, match="got 'qa_accuracy_typeX'"):
+        check_best_metric(cfg(**{"train.best_metric": "qa_accuracy_typeX", "model.qa_dataset": "clevr"}))
     with pytest.raises(ValueError, match="got 'minutes'"):  # a record's field, not a metric
         run(cfg(**{"train.best_metric": "minutes"}))
 
@@ -273,3 +344,14 @@ def test_best_metric_must_be_a_metric_of_the_run(shapes_root, tmp_path):
 def test_negative_step_interval_is_rejected():
     with pytest.raises(ValueError, match="train.eval_every_steps must be >= 0"):
         C.resolve("shapes", None, ["--train.eval_every_steps=-1"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_steps=-1", r"train.max_steps must be >= 0 \(0 = no limit\), got -1"),
+    ("train.time_limit_min=-2", r"train.time_limit_min must be >= 0 \(0 = no limit\), got -2"),
+    ("optim.ema_decay=1.5", r"optim.ema_decay must be in \[0, 1\], got 1.5"),
+    ("optim.warmup_fraction=-0.1", r"optim.warmup_fraction must be in \[0, 1\], got -0.1"),
+])
+def test_out_of_range_run_settings_are_rejected(override, message):
+    with pytest.raises(ValueError, match=message):
+        C.resolve("shapes", None, [f"--{override}"])

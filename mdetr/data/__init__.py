@@ -5,18 +5,20 @@ transforms, collate and loaders.
   ``mdetr.config.DataConfig`` (generating the shapes world first when it is the dataset and is missing).
 - ``build_loader(dataset, batch_size, shuffle, num_workers, seed, distributed=False, aspect_groups=1)``: a seeded
   DataLoader with ``collate_fn``, optionally batching within aspect-ratio groups (``mdetr.data.sampler``); call
-  ``loader.set_epoch(epoch)`` before each epoch (reshuffles reproducibly, also when distributed).
+  ``loader.set_epoch(epoch)`` before each epoch (reshuffles reproducibly, also when distributed;
+  ``set_epoch(epoch, skip=n)`` leaves out the epoch's first n batches, for a run resumed mid-epoch).
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler,
+                              SequentialSampler)
 
 from mdetr.data.annotations import CLEVR_ATTRIBUTES, ModulatedDetection
 from mdetr.data.collate import collate_fn
@@ -43,7 +45,12 @@ def _ann_path(data_cfg, split: str, ann_file: Optional[str]) -> Path:
         elif split == "val":
             ann_file = data_cfg.val_ann
         elif split == "test":
-            ann_file = data_cfg.val_ann.replace("_val", "_test")
+            val = Path(data_cfg.val_ann)
+            if "_val" not in val.name:
+                raise ValueError(f"split 'test': no test file to derive from data.val_ann={data_cfg.val_ann!r} "
+                                 f"(the test file is the val file's name with '_val' -> '_test'); name the test "
+                                 f"annotation file itself (python -m mdetr.evaluate --ann FILE)")
+            ann_file = str(val.with_name(val.name.replace("_val", "_test")))
         else:
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     path = Path(ann_file)
@@ -60,12 +67,13 @@ def _ensure_from_config(data_cfg) -> Path:
 
 
 def build_dataset(data_cfg, split: str, tokenizer, ann_file: Optional[str] = None,
-                  generate: bool = True) -> ModulatedDetection:
+                  generate: bool = True, answer_vocab=None) -> ModulatedDetection:
     """The dataset of ``split`` ("train" uses the train transforms; "val"/"test" the eval ones).
 
     ``data_cfg``: a ``DataConfig`` (fields dataset, root, image_dir, train_ann, val_ann, num_train/val/test, seed,
     transforms). For ``dataset == "shapes"`` the world is generated under ``root`` first unless already there
-    (``generate=False`` skips that check, e.g. on non-main ranks after a barrier)."""
+    (``generate=False`` skips that check, e.g. on non-main ranks after a barrier). ``answer_vocab``: the QA
+    answer vocabulary the model was trained with (default: ``data.answer_vocab``'s file, else the file's own)."""
     if data_cfg.dataset == "shapes":
         if generate:
             _ensure_from_config(data_cfg)
@@ -76,7 +84,7 @@ def build_dataset(data_cfg, split: str, tokenizer, ann_file: Optional[str] = Non
     transform_split = "eval" if split == "train" and not data_cfg.augment else split
     return ModulatedDetection(image_dir, _ann_path(data_cfg, split, ann_file), tokenizer,
                               make_transforms(transform_split, data_cfg.transforms),
-                              answer_vocab=_answer_vocab(data_cfg))
+                              answer_vocab=answer_vocab if answer_vocab is not None else _answer_vocab(data_cfg))
 
 
 def _answer_vocab(data_cfg):
@@ -99,8 +107,10 @@ def build_datasets(data_cfg, text_encoder: str, is_main: bool = True) -> Tuple[M
     if data_cfg.dataset == "shapes" and is_main:
         _ensure_from_config(data_cfg)
     barrier()
-    return (build_dataset(data_cfg, "train", tokenizer, generate=False),
-            build_dataset(data_cfg, "val", tokenizer, generate=False))
+    train = build_dataset(data_cfg, "train", tokenizer, generate=False)
+    # the val answers in the train split's vocabulary: the ids the QA heads learn (a CLEVR file without one builds
+    # its own from its answers, which need not be the train file's)
+    return train, build_dataset(data_cfg, "val", tokenizer, generate=False, answer_vocab=train.answer_vocab)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -108,22 +118,50 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(torch.initial_seed() % 2 ** 32)
 
 
+class SkippingBatchSampler(Sampler[List[int]]):
+    """The batches of ``inner`` with the first ``skip`` of a pass left out (drawn, so the order of the rest is
+    unchanged, but never loaded). ``len`` stays the whole epoch's: the lr schedule counts full epochs."""
+
+    def __init__(self, inner: Sampler[List[int]]):
+        self.inner = inner
+        self.skip = 0
+
+    @property
+    def sampler(self):
+        return getattr(self.inner, "sampler", None)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        batches = iter(self.inner)
+        for _ in range(self.skip):
+            if next(batches, None) is None:
+                return
+        yield from batches
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
 class SeededLoader(DataLoader):
     """A DataLoader whose order and augmentations are a function of (seed, epoch): ``set_epoch`` reseeds the
     generator that draws both the shuffle and the workers' base seed (or sets the DistributedSampler's epoch), so
     a resumed run replays the same batches. Workers are not persistent for that reason: each epoch's workers are
-    seeded afresh from the reseeded generator."""
+    seeded afresh from the reseeded generator. ``set_epoch(epoch, skip=n)`` resumes an epoch after its first n
+    batches: the same remaining batches, with the same augmentations when there are none or no worker processes
+    (workers draw theirs by the order they are handed batches in, which the skip shifts)."""
 
     def __init__(self, *args, seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.seed = seed
 
-    def set_epoch(self, epoch: int) -> None:
-        sampler = getattr(self.batch_sampler, "sampler", None)  # a GroupedBatchSampler or the default one wraps it
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        sampler = getattr(self.batch_sampler, "sampler", None)  # the sampler inside the batch sampler(s)
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
         if self.generator is not None:
             self.generator.manual_seed(self.seed + epoch)
+        if skip < 0 or skip > len(self):
+            raise ValueError(f"skip must be in [0, {len(self)}] (the epoch's batches), got {skip}")
+        self.batch_sampler.skip = skip
 
 
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
@@ -145,10 +183,11 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: 
         sampler = SequentialSampler(dataset)
     if aspect_groups < 1:
         raise ValueError(f"data.aspect_groups must be >= 1 (1 = no grouping), got {aspect_groups}")
-    batching = dict(batch_size=batch_size, sampler=sampler, drop_last=drop_last)
     if aspect_groups > 1:
         groups = quantile_groups(aspect_ratios(dataset), aspect_groups)
-        batching = dict(batch_sampler=GroupedBatchSampler(sampler, groups, batch_size, drop_last))
-    return SeededLoader(dataset, **batching, num_workers=num_workers, collate_fn=collate_fn, generator=generator,
+        batches = GroupedBatchSampler(sampler, groups, batch_size, drop_last)
+    else:
+        batches = BatchSampler(sampler, batch_size, drop_last)
+    return SeededLoader(dataset, batch_sampler=SkippingBatchSampler(batches), num_workers=num_workers, collate_fn=collate_fn, generator=generator,
                         seed=stream_seed, worker_init_fn=_seed_worker, persistent_workers=False,
                         pin_memory=torch.cuda.is_available())

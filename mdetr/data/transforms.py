@@ -40,6 +40,10 @@ Transform = Callable[[Image.Image, Target], Tuple[object, Target]]
 
 
 def _choice(options: Sequence[int]) -> int:
+    """A random option; a single one draws nothing, so the eval recipe leaves the global RNG alone (a validation
+    within an epoch must not change the training's dropout masks)."""
+    if len(options) == 1:
+        return int(options[0])
     return int(options[int(torch.randint(len(options), ()).item())])
 
 

@@ -113,7 +113,7 @@ class TrainConfig:
     eval_task: str = "refexp"  # "refexp": precision@k (+ QA accuracy for QA models); "grounding": Recall@k
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit); for smoke runs
     time_limit_min: float = 0.0  # stop training after this many minutes (checked every log_every steps; the
-    # epoch in progress then ends early, with its validation and checkpoint; 0 = no limit)
+    # run then validates and saves a checkpoint that --resume continues from the next batch; 0 = no limit)
     threads: int = 0  # torch intra-op threads on CPU (0 = torch's default)
     cache_features: bool = False  # memoize the frozen backbone's features per image (CPU; needs
     # model.train_backbone=false, model.backbone_per_image=true and data.augment=false), and a frozen text

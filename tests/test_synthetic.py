@@ -151,6 +151,23 @@ def test_refexp_unique_referent_independently(world):
         sum(s["chance_precision_at_1"] * s["refexp"] for s in stats.values()) / total)
 
 
+def test_refexp_subsets_split_the_file_by_kind(world):
+    root, _ = world
+    for split in ("train", "val", "test"):
+        data, sc = load(root, "refexp", split), scenes(root, split)
+        anns = anns_by_entry(data)
+        kinds = {e["id"]: check_refexp(e, sc[e["original_img_id"]]["objects"], anns[e["id"]])[1]
+                 for e in data["images"]}  # relational or not, parsed independently of the generator
+        subsets = {kind: json.loads((root / "annotations" / f"shapes_refexp_{split}_{kind}.json").read_text())
+                   for kind in ("attribute", "relational")}
+        for kind, subset in subsets.items():
+            assert subset["info"]["subset"] == kind and subset["info"]["task"] == "refexp"
+            assert subset["images"] == [e for e in data["images"] if kinds[e["id"]] == (kind == "relational")]
+            ids = {e["id"] for e in subset["images"]}
+            assert subset["annotations"] == [a for a in data["annotations"] if a["image_id"] in ids]
+        assert subsets["attribute"]["images"] and subsets["relational"]["images"]
+
+
 def test_grounding_phrases(world):
     root, _ = world
     data, sc = load(root, "grounding"), scenes(root)

@@ -24,8 +24,11 @@ Four tasks share the images; each writes one image entry per (image, caption), a
 
 Layout under ``DIR``: ``images/<split>/NNNNNN.jpg`` (``file_name`` is ``<split>/NNNNNN.jpg``, relative to
 ``DIR/images``); ``annotations/shapes_<task>_<split>.json``; ``annotations/shapes_mixed_<split>.json`` (pretrain +
-refexp + grounding, like MDETR's ``final_mixed``); ``annotations/shapes_scenes_<split>.json`` (the full scene of
-each image, for tests and analysis; no loader needs it). JPEG rather than PNG: the noisy backgrounds make PNGs
+refexp + grounding, like MDETR's ``final_mixed``); ``annotations/shapes_refexp_<split>_attribute.json`` and
+``..._relational.json`` (the referring expressions that name attributes only, and those that need a spatial
+relation: the refexp file split in two, to evaluate each kind with ``python -m mdetr.evaluate --ann``);
+``annotations/shapes_scenes_<split>.json`` (the full scene of each image, for tests and analysis; no loader needs
+it). JPEG rather than PNG: the noisy backgrounds make PNGs
 about 6x larger and slower to write.
 
 The refexp files carry ``info.chance_precision_at_1``: the mean over expressions of the fraction of the image's
@@ -51,7 +54,7 @@ from PIL import Image, ImageDraw
 
 from mdetr.boxes import generalized_box_iou
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the refexp files' attribute / relational subsets
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
 COLORS: Dict[str, Tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 225),
@@ -479,7 +482,7 @@ def generate_split(out: Path, split: str, num_images: int, seed: int,
         for expression in expressions:
             captions.append(("refexp", expression))
             chance.append(_chance(objects, expression[2]["referent"]))
-            spatial += any(r in expression[0] for r in RELATIONS)
+            spatial += is_relational(expression[0])
         captions += [("qa", qa_caption(rng, objects)) for _ in range(2)]
         if len(captions) > ENTRIES_PER_IMAGE:
             raise ValueError(f"{split} image {index}: {len(captions)} entries, more than the ENTRIES_PER_IMAGE="
@@ -518,7 +521,22 @@ def generate_split(out: Path, split: str, num_images: int, seed: int,
     _write_json(ann_dir / f"shapes_mixed_{split}.json",
                 {"info": {**info_common, "task": "mixed"}, "categories": categories, **mixed})
     _write_json(ann_dir / f"shapes_scenes_{split}.json", {"info": info_common, "scenes": scenes})
+    for kind, relational in REFEXP_KINDS.items():  # the refexp file split by whether an expression needs a relation
+        entries = [e for e in files["refexp"]["images"] if is_relational(e["caption"]) == relational]
+        ids = {e["id"] for e in entries}
+        _write_json(ann_dir / f"shapes_refexp_{split}_{kind}.json",
+                    {"info": {**info_common, "task": "refexp", "subset": kind}, "categories": categories,
+                     "images": entries, "annotations": [a for a in files["refexp"]["annotations"]
+                                                        if a["image_id"] in ids]})
     return stats
+
+
+REFEXP_KINDS = {"attribute": False, "relational": True}
+
+
+def is_relational(caption: str) -> bool:
+    """Whether a referring expression of this world needs a spatial relation ("... left of the blue square")."""
+    return any(f" {r} " in caption for r in RELATIONS)
 
 
 def _write_json(path: Path, obj: dict) -> None:

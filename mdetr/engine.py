@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -85,6 +86,8 @@ class TrainState:
     epoch: int = 0  # the next epoch to run (or the one to finish, when ``micro`` > 0)
     step: int = 0  # optimizer steps done
     micro: int = 0  # micro-batches of ``epoch`` already trained: > 0 after a stop within the epoch
+    epoch_sums: Dict[str, float] = field(default_factory=dict)  # the epoch's loss sums over its ``epoch_count``
+    epoch_count: int = 0  # micro-batches so far (kept across a stop within the epoch, for the epoch's mean)
     history: List[Dict[str, float]] = field(default_factory=list)  # one dict per validation
 
 
@@ -114,9 +117,10 @@ def train_one_epoch(model: nn.Module, criterion, loader: Iterable, optimizer: to
                     on_log: Optional[Callable[[Dict[str, float]], None]] = None,
                     progress=None, on_step: Optional[Callable[[], None]] = None) -> Dict[str, float]:
     """One pass over ``loader`` (whose first ``state.micro`` batches the caller has skipped: ``set_epoch(epoch,
-    skip=state.micro)``). Returns the mean of each logged loss over the batches trained. On return ``state.micro``
-    is 0 when the epoch is done, or the micro-batches done when ``deadline`` or ``max_steps`` stopped it (always a
-    whole number of accumulation windows). A last window of fewer than ``grad_accum`` batches is not trained.
+    skip=state.micro)``). Returns the mean of each logged loss over the epoch's batches trained so far (those
+    before a stop within the epoch included: ``state.epoch_sums``). On return ``state.micro`` is 0 when the epoch
+    is done, or the micro-batches done when ``deadline`` or ``max_steps`` stopped it (always a whole number of
+    accumulation windows). A last window of fewer than ``grad_accum`` batches is neither loaded nor trained.
     ``on_step`` runs after every optimizer step (and its logging); it may switch the model to eval mode, training
     resumes in train mode."""
     model.train()
@@ -124,15 +128,15 @@ def train_one_epoch(model: nn.Module, criterion, loader: Iterable, optimizer: to
     accum = max(1, optim_cfg.grad_accum)
     usable = len(loader) // accum * accum  # the whole accumulation windows of an epoch
     done = state.micro
+    if state.micro == 0:  # a new epoch (else the one a stop interrupted: its sums so far carry on)
+        state.epoch_sums, state.epoch_count = {}, 0
+    epoch_sums = state.epoch_sums
     sums: Dict[str, Tensor] = {}
     count = 0
-    epoch_sums: Dict[str, float] = {}
-    epoch_count = 0
     tic = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    for micro, batch in enumerate(loader, start=state.micro):
-        if micro >= usable:
-            break
+    # the batches of whole windows only: the next one is not even fetched (its transforms could draw random numbers)
+    for micro, batch in enumerate(itertools.islice(loader, max(0, usable - state.micro)), start=state.micro):
         done = micro + 1
         batch = to_device(batch, device)
         last_micro = (micro + 1) % accum == 0
@@ -171,13 +175,14 @@ def train_one_epoch(model: nn.Module, criterion, loader: Iterable, optimizer: to
             record = {k: (v / count).item() for k, v in sums.items()}
             # checked where the loss comes to the host anyway; every rank stops when any rank's loss is not finite
             if not_finite_anywhere(record["loss"]):
+                where = "" if not math.isfinite(record["loss"]) else " on another rank (this rank's losses follow)"
                 raise FloatingPointError(
-                    f"non-finite training loss in the {count} steps up to step {state.step} (epoch {state.epoch}): "
-                    + ", ".join(f"{k}={v:.4g}" for k, v in record.items())
+                    f"non-finite training loss{where} in the {count} steps up to step {state.step} (epoch "
+                    f"{state.epoch}): " + ", ".join(f"{k}={v:.4g}" for k, v in record.items())
                     + "; nothing was saved after the last checkpoint (lower optim.lr or use --train.precision=fp32)")
             for k, v in record.items():
                 epoch_sums[k] = epoch_sums.get(k, 0.0) + v * count
-            epoch_count += count
+            state.epoch_count += count
             now = time.perf_counter()
             record.update(step=state.step, epoch=state.epoch, sec_per_step=(now - tic) / (count / accum),
                           lr=optimizer.param_groups[0]["lr"], lr_text=optimizer.param_groups[2]["lr"])
@@ -198,9 +203,9 @@ def train_one_epoch(model: nn.Module, criterion, loader: Iterable, optimizer: to
     if count:
         for k, v in sums.items():
             epoch_sums[k] = epoch_sums.get(k, 0.0) + v.item()
-        epoch_count += count
+        state.epoch_count += count
     state.micro = done if done < usable else 0
-    return {k: v / max(epoch_count, 1) for k, v in epoch_sums.items()}
+    return {k: v / max(state.epoch_count, 1) for k, v in epoch_sums.items()}
 
 
 def not_finite_anywhere(loss: float) -> bool:

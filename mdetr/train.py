@@ -109,8 +109,15 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
         micro = saved.get("micro", 0)  # > 0: the run stopped within that epoch, which resumes at the next batch
+        usable = len(train_loader) // cfg.optim.grad_accum * cfg.optim.grad_accum
+        if micro and (micro % cfg.optim.grad_accum or micro >= usable):
+            raise ValueError(f"--resume {resume_from}: the run stopped {micro} batches into epoch {saved['epoch']}, "
+                             f"which does not fit this run's epoch of {len(train_loader)} batches in windows of "
+                             f"optim.grad_accum={cfg.optim.grad_accum}: data.batch_size, data.num_train or "
+                             f"optim.grad_accum changed; resume with the checkpoint's settings")
         state = TrainState(epoch=saved["epoch"] + (micro == 0), step=saved["step"], micro=micro,
-                           history=saved.get("history", []))
+                           history=saved.get("history", []), epoch_sums=saved.get("epoch_sums", {}),
+                           epoch_count=saved.get("epoch_count", 0))
         rng = saved["rng"]
         written_by = len(rng) if isinstance(rng, list) else 1
         if written_by != world:
@@ -210,6 +217,8 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
             model, criterion, train_loader, optimizer, scaler, ema, state, cfg.optim, total_steps, device,
             cfg.train.precision, cfg.train.log_every, cfg.train.max_steps, deadline, on_log=log_train if main else on_log,
             progress=progress, on_step=on_step if every else None)
+        if state.micro:  # stopped within the epoch: its mean loss is logged when a resumed run finishes it
+            epoch_losses = {}
         if main and "loss" in epoch_losses:  # every epoch's mean training loss, validated at its end or not
             log.log("epoch", {"epoch": state.epoch, "step": state.step, "train_loss": epoch_losses["loss"]})
         # the run ends here when it stopped within the epoch, or at its end by max_steps, the time limit or the last
@@ -227,6 +236,8 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "epoch": state.epoch,
                 "micro": state.micro,  # > 0: the epoch stopped after this many batches; resume finishes it
+                "epoch_sums": state.epoch_sums,  # its losses so far, for the epoch's mean
+                "epoch_count": state.epoch_count,
                 "step": state.step,
                 "history": state.history,
                 "rng": _gather_rng(world),

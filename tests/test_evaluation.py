@@ -300,8 +300,8 @@ def test_cli_tasks(checkpoints, tmp_path, capsys, task, ckpt, keys):
     main(["--checkpoint", checkpoints[ckpt], "--task", task, "--out", str(out), "--weights", "model"])
     report = json.loads(out.read_text())
     assert keys <= set(report["metrics"]) and report["task"] == task and report["weights"] == "model"
-    if task == "refexp":  # every selected entry is either scored or counted as without a box
-        assert report["counts"]["expressions"] + report["counts"]["expressions_without_box"] == report["samples"]
+    if task == "refexp":
+        assert report["counts"]["expressions_without_box"] == 0 and report["counts"]["expressions"] == report["samples"]
     assert f"wrote {out}" in capsys.readouterr().out
 
 
@@ -386,6 +386,20 @@ def test_cli_bad_inputs_name_the_argument(checkpoints, capsys, args, message):
         main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_refexp_counts_an_entry_whose_box_lies_outside_its_image(checkpoints, tmp_path):
+    from mdetr.evaluate import evaluate_checkpoint
+
+    data = json.loads((Path(checkpoints["root"]) / "annotations" / "shapes_refexp_test.json").read_text())
+    entry = data["images"][0]
+    moved = next(a for a in data["annotations"] if a["image_id"] == entry["id"])
+    moved["bbox"] = [entry["width"] + 10, 0, 20, 20]  # clipped to nothing, then dropped: the entry has no box
+    ann = tmp_path / "refexp_one_box_outside.json"
+    ann.write_text(json.dumps(data))
+    result = evaluate_checkpoint(checkpoints["detector"], "refexp", ann=str(ann), weights="model")
+    assert result["counts"]["expressions_without_box"] == 1
+    assert result["counts"]["expressions"] == result["samples"] - 1 == len(data["images"]) - 1
 
 
 def test_qa_evaluation_reads_answers_in_the_vocabulary_of_training(checkpoints, tmp_path, monkeypatch):

@@ -63,7 +63,10 @@ def test_time_limit_stops_mid_epoch_then_validates_and_saves(shapes_root, tmp_pa
     assert "train.time_limit_min=0.0001 reached" in capsys.readouterr().out
     assert "precision@1" in result["metrics"] and (tmp_path / "run" / "checkpoint.pth").exists()
     saved = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=False)
-    assert (saved["epoch"], saved["micro"], saved["step"]) == (0, 1, 1)
+    assert (saved["epoch"], saved["micro"], saved["step"], saved["epoch_count"]) == (0, 1, 1, 1)
+    assert set(saved["epoch_sums"]) >= {"loss", "loss_bbox"}
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "epoch" not in kinds and "val" in kinds  # the epoch's mean is logged by the run that finishes it
 
 
 def test_non_finite_loss_stops_training_before_a_checkpoint(shapes_root, tmp_path, monkeypatch):
@@ -96,6 +99,17 @@ def test_resume_reproduces_the_next_steps_exactly(shapes_root, tmp_path, capsys)
     losses_rest, result = train_losses(tiny_config(shapes_root, str(tmp_path / "c"), **{"train.resume": "auto"}))
     assert "resumed from" in capsys.readouterr().out
     assert losses_rest == losses_full[1:] and result["state"].step == len(losses_full)
+
+    def epoch_records(run_dir):
+        lines = (tmp_path / run_dir / "metrics.jsonl").read_text().splitlines()
+        return [(r["epoch"], r["step"], r["train_loss"]) for r in map(json.loads, lines) if r["kind"] == "epoch"]
+
+    assert epoch_records("c") == epoch_records("a")  # one record per epoch, each the whole epoch's mean
+    # a mid-epoch checkpoint resumed with other batching is a clear error, not a resume at the wrong batch
+    run(tiny_config(shapes_root, str(tmp_path / "d"), **{"train.time_limit_min": 1e-4}))
+    with pytest.raises(ValueError, match=r"the run stopped 1 batches into epoch 0, which does not fit this run's "
+                                         r"epoch of \d+ batches in windows of optim.grad_accum=2"):
+        run(tiny_config(shapes_root, str(tmp_path / "d"), **{"train.resume": "auto", "optim.grad_accum": 2}))
 
 
 class _CountingCriterion(torch.nn.Module):
@@ -135,8 +149,18 @@ def test_train_one_epoch_counts_micro_batches(accum, max_steps, start, expected)
 
     batches = [{"images": torch.full((1,), float(i)), "mask": torch.zeros(1), "captions": ["a"]} for i in range(5)]
 
-    class Loader(list):
-        def __len__(self):  # the epoch's length, whatever the caller skipped
+    class Loader:
+        """The epoch's remaining batches (the caller skipped ``start``); counts those fetched."""
+
+        def __init__(self, items):
+            self.items, self.fetched = items, 0
+
+        def __iter__(self):
+            for item in self.items:
+                self.fetched += 1
+                yield item
+
+        def __len__(self):  # the whole epoch's length, whatever the caller skipped
             return 5
 
     model, criterion = _Scalar(), _CountingCriterion()
@@ -144,9 +168,11 @@ def test_train_one_epoch_counts_micro_batches(accum, max_steps, start, expected)
         {"params": [torch.nn.Parameter(torch.zeros(()))], "name": name} for name in ("backbone", "text_encoder")], lr=0.0)
     state = TrainState(micro=start)
     cfg = OptimConfig(grad_accum=accum, clip_max_norm=0.0)
-    train_one_epoch(model, criterion, Loader(batches[start:]), optimizer, None, None, state, cfg, 10,
+    loader = Loader(batches[start:])
+    train_one_epoch(model, criterion, loader, optimizer, None, None, state, cfg, 10,
                     torch.device("cpu"), "fp32", log_every=1, max_steps=max_steps)
     assert (criterion.calls, state.step, state.micro) == expected
+    assert loader.fetched == criterion.calls  # the partial window's batch is not even loaded
 
 
 def test_a_run_ends_with_a_validation_when_max_steps_stops_it(shapes_root, tmp_path):

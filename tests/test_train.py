@@ -1,5 +1,5 @@
-"""Training end to end on tiny settings: the loss falls, resume is exact, and 2-process DDP (gloo) gives the
-gradients of one process."""
+"""Training end to end on tiny settings: the loss falls, resume is exact (also within an epoch), 2-process DDP
+(gloo) gives the gradients of one process, and a 2-process run stops and resumes together."""
 import json
 import os
 
@@ -173,6 +173,47 @@ def test_train_one_epoch_counts_micro_batches(accum, max_steps, start, expected)
                     torch.device("cpu"), "fp32", log_every=1, max_steps=max_steps)
     assert (criterion.calls, state.step, state.micro) == expected
     assert loader.fetched == criterion.calls  # the partial window's batch is not even loaded
+
+
+def _run_worker(rank, world, port, cfg, out_file):
+    """One rank of a torchrun-like job: the environment torchrun sets, then ``run``."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from mdetr import distributed as dist_utils
+
+    try:
+        result = run(cfg)
+        state = result["state"]
+        torch.save({"epoch": state.epoch, "step": state.step, "micro": state.micro,
+                    "metrics": result["metrics"]}, f"{out_file}.{rank}")
+    finally:
+        dist_utils.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_run_stops_within_an_epoch_together_and_resumes(shapes_root, tmp_path):
+    # torchrun's layout with gloo: a time-limit stop within the first epoch (every rank stops, validates and agrees
+    # on the metrics), then a 2-process resume that skips the trained batches of each rank's shard and finishes
+    items = {"train.threads": 1}
+    cfg = tiny_config(shapes_root, str(tmp_path / "run"), **items, **{"train.time_limit_min": 1e-4})
+    out = tmp_path / "state"
+    mp.spawn(_run_worker, args=(2, _free_port(), cfg, str(out)), nprocs=2, join=True)
+    stopped = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    assert [(s["epoch"], s["step"], s["micro"]) for s in stopped] == [(0, 1, 1)] * 2
+    assert stopped[0]["metrics"] == stopped[1]["metrics"] and "precision@1" in stopped[0]["metrics"]
+    resumed = tiny_config(shapes_root, str(tmp_path / "run"), **items, **{"train.resume": "auto"})
+    mp.spawn(_run_worker, args=(2, _free_port(), resumed, str(out)), nprocs=2, join=True)
+    done = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    assert [(s["epoch"], s["micro"]) for s in done] == [(2, 0)] * 2 and done[0]["step"] == done[1]["step"] > 1
 
 
 def test_a_run_ends_with_a_validation_when_max_steps_stops_it(shapes_root, tmp_path):

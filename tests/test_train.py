@@ -164,8 +164,8 @@ def test_train_one_epoch_counts_micro_batches(accum, max_steps, start, expected)
             return 5
 
     model, criterion = _Scalar(), _CountingCriterion()
-    optimizer = torch.optim.SGD([{"params": [model.w], "name": "rest"}] + [  # make_optimizer's three lr groups
-        {"params": [torch.nn.Parameter(torch.zeros(()))], "name": name} for name in ("backbone", "text_encoder")], lr=0.0)
+    others = [{"params": [torch.nn.Parameter(torch.zeros(()))], "name": name} for name in ("backbone", "text_encoder")]
+    optimizer = torch.optim.SGD([{"params": [model.w], "name": "rest"}] + others, lr=0.0)  # make_optimizer's groups
     state = TrainState(micro=start)
     cfg = OptimConfig(grad_accum=accum, clip_max_norm=0.0)
     loader = Loader(batches[start:])

@@ -188,6 +188,6 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: 
         batches = GroupedBatchSampler(sampler, groups, batch_size, drop_last)
     else:
         batches = BatchSampler(sampler, batch_size, drop_last)
-    return SeededLoader(dataset, batch_sampler=SkippingBatchSampler(batches), num_workers=num_workers, collate_fn=collate_fn, generator=generator,
-                        seed=stream_seed, worker_init_fn=_seed_worker, persistent_workers=False,
-                        pin_memory=torch.cuda.is_available())
+    return SeededLoader(dataset, batch_sampler=SkippingBatchSampler(batches), num_workers=num_workers,
+                        collate_fn=collate_fn, generator=generator, seed=stream_seed, worker_init_fn=_seed_worker,
+                        persistent_workers=False, pin_memory=torch.cuda.is_available())

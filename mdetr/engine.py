@@ -126,7 +126,7 @@ def train_one_epoch(model: nn.Module, criterion, loader: Iterable, optimizer: to
     model.train()
     criterion.train()
     accum = max(1, optim_cfg.grad_accum)
-    usable = len(loader) // accum * accum  # the whole accumulation windows of an epoch
+    usable = trained_batches(len(loader), accum)
     done = state.micro
     if state.micro == 0:  # a new epoch (else the one a stop interrupted: its sums so far carry on)
         state.epoch_sums, state.epoch_count = {}, 0
@@ -218,6 +218,12 @@ def past_deadline(deadline: float) -> bool:
     """Whether any rank's clock passed ``deadline`` (``time.perf_counter`` seconds): all ranks stop together."""
     late = torch.tensor([float(time.perf_counter() >= deadline)])
     return bool(dist_utils.all_reduce_sum(late).item() > 0)
+
+
+def trained_batches(num_batches: int, grad_accum: int) -> int:
+    """The batches of an epoch that are trained: its whole accumulation windows."""
+    accum = max(1, grad_accum)
+    return num_batches // accum * accum
 
 
 def steps_per_epoch(num_batches: int, grad_accum: int) -> int:

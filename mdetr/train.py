@@ -28,7 +28,7 @@ from mdetr import distributed as dist_utils
 from mdetr.config import Config
 from mdetr.data import build_datasets, build_loader
 from mdetr.engine import (ModelEMA, TrainState, make_optimizer, past_deadline, steps_per_epoch, train_one_epoch,
-                          unwrap)
+                          trained_batches, unwrap)
 from mdetr.evaluate import make_evaluator, run_evaluators
 from mdetr.losses.criterion import build_criterion
 from mdetr.models import build_from_config
@@ -109,8 +109,8 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
         micro = saved.get("micro", 0)  # > 0: the run stopped within that epoch, which resumes at the next batch
-        usable = len(train_loader) // cfg.optim.grad_accum * cfg.optim.grad_accum
-        if micro and (micro % cfg.optim.grad_accum or micro >= usable):
+        if micro and (micro % cfg.optim.grad_accum or micro >= trained_batches(len(train_loader),
+                                                                              cfg.optim.grad_accum)):
             raise ValueError(f"--resume {resume_from}: the run stopped {micro} batches into epoch {saved['epoch']}, "
                              f"which does not fit this run's epoch of {len(train_loader)} batches in windows of "
                              f"optim.grad_accum={cfg.optim.grad_accum}: data.batch_size, data.num_train or "

@@ -28,7 +28,18 @@ def main() -> None:
     batch = bm._batch(bm.train_dataset(Path(tempfile.mkdtemp()), args.batch), args.batch)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bm.CUDA else [])
     for provider in bm.PROVIDERS:
-        step, _ = bm.make_train_step(provider, batch)
+        # ``mark`` synchronizes and splits the step into phases only while ``clock`` holds a start time
+        phases: dict[str, list[float]] = {}
+        clock: list[float] = []
+
+        def mark(phase: str) -> None:
+            if clock:
+                bm.synchronize(bm.DEVICE)
+                now = time.perf_counter()
+                phases.setdefault(phase, []).append(now - clock[0])
+                clock[0] = now
+
+        step, _ = bm.make_train_step(provider, batch, mark)
         for _ in range(3):
             step()
         bm.synchronize(bm.DEVICE)
@@ -38,24 +49,12 @@ def main() -> None:
             step()
             bm.synchronize(bm.DEVICE)
             walls.append(time.perf_counter() - t)
-        # the same step again, synchronized after each phase: where the wall time goes
-        phases: dict[str, list[float]] = {}
-        clock = [0.0]
-
-        def mark(phase: str) -> None:
+        # the same steps again, synchronized after each phase: where the wall time goes
+        for _ in range(args.steps):
             bm.synchronize(bm.DEVICE)
-            now = time.perf_counter()
-            phases.setdefault(phase, []).append(now - clock[0])
-            clock[0] = now
-
-        phased, _ = bm.make_train_step(provider, batch, mark)
-        for i in range(3 + args.steps):
-            if i == 3:
-                phases.clear()
-            bm.synchronize(bm.DEVICE)
-            clock[0] = time.perf_counter()
-            phased()
-        del phased
+            clock[:] = [time.perf_counter()]
+            step()
+        clock.clear()
         n_prof = 5
         with profile(activities=activities) as prof:
             for _ in range(n_prof):

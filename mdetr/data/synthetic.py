@@ -28,8 +28,7 @@ refexp + grounding, like MDETR's ``final_mixed``); ``annotations/shapes_refexp_<
 ``..._relational.json`` (the referring expressions that name attributes only, and those that need a spatial
 relation: the refexp file split in two, to evaluate each kind with ``python -m mdetr.evaluate --ann``);
 ``annotations/shapes_scenes_<split>.json`` (the full scene of each image, for tests and analysis; no loader needs
-it). JPEG rather than PNG: the noisy backgrounds make PNGs
-about 6x larger and slower to write.
+it). JPEG rather than PNG: the noisy backgrounds make PNGs about 6x larger and slower to write.
 
 The refexp files carry ``info.chance_precision_at_1``: the mean over expressions of the fraction of the image's
 objects whose box has GIoU >= 0.5 with the referent's box (what picking a random object scores).

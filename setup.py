@@ -16,13 +16,13 @@ setup(
     package_data={"detr_kernels": ["csrc/*"]},
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",  # torch.serialization.safe_globals (checkpoints unpickle plain data only)
         "torchvision",
         "timm>=1.0",
         "transformers>=4.40",
         "scipy",
         "numpy",
-        "pillow",
+        "pillow>=10.1",  # ImageFont.load_default(size=) for the prediction panels
         "pyyaml",
         "tqdm",
         "tensorboard",

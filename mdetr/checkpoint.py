@@ -50,6 +50,7 @@ def _atomic_write(path: str | Path, write, mode: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets what open() would have given it
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -60,6 +61,12 @@ def _atomic_write(path: str | Path, write, mode: str) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; set it back at once
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(folder: Path) -> None:
@@ -129,35 +136,42 @@ def find_resume(resume: str, output_dir: str | Path) -> Optional[Path]:
     return path
 
 
-def load_checkpoint(path: str | Path) -> Dict[str, Any]:
+def plain_data_globals() -> List[Any]:
+    """What checkpoints hold beyond tensors, safe to unpickle (``torch.load(weights_only=True)``): the reference's
+    ``args`` (argparse.Namespace), and NumPy arrays, dtypes and scalars (our RNG states and metric history)."""
+    import argparse
+
+    reconstruct_array = np.zeros(1).__reduce__()[0]  # numpy's private names moved in 2.0: ask numpy
+    reconstruct_scalar = np.float64(0).__reduce__()[0]
+    dtype_classes = {type(np.dtype(code)) for code in "?bBhHiIlLqQefd"}  # numpy >= 1.25: one class per dtype
+    return [argparse.Namespace, np.ndarray, np.dtype, reconstruct_array, reconstruct_scalar, *dtype_classes]
+
+
+def load_checkpoint(path: str | Path, trusted: bool = False, mmap: bool = False) -> Any:
+    """``torch.load`` on the CPU. Unless ``trusted``, only tensors and plain data are unpickled
+    (``weights_only=True`` with ``plain_data_globals``): a checkpoint from elsewhere cannot run code. Ours and the
+    released MDETR files need nothing more. ``mmap``: map the file instead of reading it (a zip-format file)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file
-        raise RuntimeError(f"checkpoint {str(path)!r} could not be read: {err}") from err
+        with torch.serialization.safe_globals(plain_data_globals()):
+            return torch.load(path, map_location="cpu", weights_only=not trusted, mmap=mmap)
+    except Exception as err:  # a truncated or foreign file, or one with other Python objects
+        hint = "" if trusted else "; if it holds other Python objects and you trust it, load it with trusted=True"
+        raise RuntimeError(f"checkpoint {str(path)!r} could not be read: {err}{hint}") from err
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema",
-               attention_backend: str = "reference"):
+               attention_backend: str = "reference", trusted: bool = False):
     """A training checkpoint of ``python -m mdetr.train`` -> (model in eval mode, its resolved ``Config``).
 
     ``weights``: "ema" (the averaged weights, what validation reports; the live ones when the run kept no EMA)
-    or "model" (the live weights). The model's ``loaded_weights`` attribute says which were loaded."""
-    from mdetr import config as config_mod
-    from mdetr.models import build_from_config
+    or "model" (the live weights; best.pth holds the validated EMA weights under both names). The model's
+    ``loaded_weights`` attribute says which were loaded. Every value comes from the file: no pretrained backbone or
+    text-encoder weights are read (``mdetr.hub.load_training_checkpoint``), so a run trained where those were
+    cached loads where they are not."""
+    from mdetr import hub
 
-    if weights not in ("ema", "model"):
-        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    saved = load_checkpoint(path)
-    if not isinstance(saved, dict) or "model" not in saved or "config" not in saved:
-        raise ValueError(f"checkpoint {str(path)!r} is not a training checkpoint of mdetr.train (needs 'model' and "
-                         f"'config'; got keys {sorted(saved) if isinstance(saved, dict) else type(saved).__name__}); "
-                         f"released MDETR checkpoints load with mdetr.load_pretrained")
-    cfg = config_mod.from_dict(saved["config"])
-    model = build_from_config(cfg.model, attention_backend=attention_backend)
-    used = "ema" if weights == "ema" and saved.get("ema") else "model"
-    model.load_state_dict(saved[used])
-    model.loaded_weights = used  # what was loaded: "ema" asked of a run without EMA gives "model"
-    return model.to(device).eval(), cfg
+    return hub.load_training_checkpoint(path, weights=weights, trusted=trusted, attention_backend=attention_backend,
+                                        device=device)
 
 
 def state_dict_differences(model, state: Dict[str, Any]) -> Tuple[List[str], List[str], Dict[str, Tuple]]:

@@ -59,6 +59,8 @@ class ModelConfig:
     query_grid: int = 0  # 0: MDETR's learned queries; G > 0: anchor queries on a G x G grid (num_queries = G * G)
     token_head: str = "linear"  # "linear": MDETR's class_embed; "similarity": query-token similarity (not in MDETR)
     box_refine: bool = False  # each decoder layer refines the previous layer's box (Deformable DETR; not in MDETR)
+    spatial_attention: str = "none"  # "none" | "encoder" | "decoder" | "both": content-conditioned half-plane
+    # attention biases (not in MDETR; mdetr.models.transformer.SpatialBias)
     contrastive_align_dim: int = 64
     qa_dataset: Optional[str] = None  # None, "clevr" or "gqa": adds the QA query slots and heads
     qa_layer: int = 0  # decoder layer the QA heads read: 0 = the first (the reference's quirk), -1 = the last
@@ -110,7 +112,8 @@ class TrainConfig:
     eval_every: int = 1  # epochs between validations
     eval_every_steps: int = 0  # > 0: also validate every this many optimizer steps, within epochs (learning curves
     # of runs that last an epoch or two); these records carry the epoch in progress
-    eval_task: str = "refexp"  # "refexp": precision@k (+ QA accuracy for QA models); "grounding": Recall@k
+    eval_task: str = "refexp"  # "refexp": precision@k (+ QA accuracy for QA models; one box per val entry);
+    # "grounding": Recall@k; "qa": QA accuracy only (the val file's questions)
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit); for smoke runs
     time_limit_min: float = 0.0  # stop training after this many minutes (checked every log_every steps; the
     # run then validates and saves a checkpoint that --resume continues from the next batch; 0 = no limit)
@@ -233,6 +236,7 @@ def _clevr(cfg: Config) -> None:
     _shapes_fine_tune(cfg, "qa")
     cfg.model.qa_dataset = "clevr"
     cfg.model.qa_layer = -1  # the last layer: val accuracy 0.41 after 9 minutes, the reference's first 0.19 (README)
+    cfg.train.eval_task = "qa"  # a question's boxes (none, or all that it counts) are no referring expression
     cfg.train.best_metric = "qa_accuracy"
     cfg.train.output_dir = "runs/clevr"
 
@@ -272,6 +276,7 @@ def _gqa(cfg: Config) -> None:
     cfg.loss.qa = 25.0
     cfg.optim.lr = 1e-5
     cfg.optim.lr_drop = 4
+    cfg.train.eval_task = "qa"
 
 
 PRESETS: Dict[str, Callable[[Config], None]] = {
@@ -387,11 +392,14 @@ def validate(cfg: Config) -> None:
     choices = {"train.precision": (cfg.train.precision, ("fp32", "bf16", "fp16")),
                "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
                "data.dataset": (cfg.data.dataset, ("shapes", "mdetr")),
-               "train.eval_task": (cfg.train.eval_task, ("refexp", "grounding")),
+               "train.eval_task": (cfg.train.eval_task, ("refexp", "grounding", "qa")),
                "model.token_head": (cfg.model.token_head, ("linear", "similarity"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+    if cfg.train.eval_task == "qa" and cfg.model.qa_dataset is None:
+        raise ValueError("train.eval_task='qa' needs a model with QA heads (model.qa_dataset 'clevr' or 'gqa'), got "
+                         "model.qa_dataset=None")
     if cfg.loss.use_contrastive_align and cfg.model.contrastive_align_dim <= 0:
         raise ValueError(f"loss.use_contrastive_align needs model.contrastive_align_dim > 0, got "
                          f"{cfg.model.contrastive_align_dim}")

@@ -100,7 +100,7 @@ def select_samples(dataset: ModulatedDetection, task: str, qa_dataset: Optional[
     """Indices of the entries ``task`` evaluates; ValueError when the file (or the model) cannot serve it."""
     where = f"--task {task}: annotation file {str(dataset.ann_file)!r}"
     entries = dataset.entries
-    num_boxes = [len([a for a in dataset.annotations.get(e["id"], []) if not a.get("iscrowd", 0)]) for e in entries]
+    num_boxes = dataset.boxes_per_entry()
     if task == "refexp":
         several = [e["id"] for e, n in zip(entries, num_boxes) if n > 1]
         if several:
@@ -142,7 +142,8 @@ def _gt_boxes(batch: Dict[str, Any]) -> List[Tensor]:
 
 
 def _update_refexp(evaluator: RefExpEvaluator, outputs: Dict[str, Tensor], batch: Dict[str, Any]) -> None:
-    has_box = batch["num_targets"] > 0  # an entry whose box was clipped away to nothing has none
+    has_box = batch["num_targets"] > 0  # an entry whose box was clipped away to nothing has none: a miss
+    evaluator.add_misses(int((~has_box).sum()))
     if not has_box.any():
         return
     results = PostProcess()(outputs, _original_sizes(batch, has_box.device))
@@ -228,7 +229,7 @@ def report(task: str, evaluator) -> Dict[str, Any]:
     """{metrics: flat name -> value, counts: name -> int, tables: [text tables]} (plus per_type for qa)."""
     metrics = evaluator.summarize()
     if task == "refexp":
-        counts = {"expressions": evaluator.count}
+        counts = {"expressions": evaluator.count, "expressions_without_box": evaluator.without_box}
         rows = [[f"{OVERLAP_NAMES[evaluator.iou_type]} >= {evaluator.threshold}",
                  *[metrics[f"precision@{k}"] for k in evaluator.ks]]]
         return {"metrics": metrics, "counts": counts, "iou_type": evaluator.iou_type,
@@ -255,7 +256,8 @@ def evaluate_checkpoint(checkpoint: str, task: str, split: str = "test", ann: Op
                         num_workers: Optional[int] = None, device: str = "auto", precision: str = "fp32",
                         iou_type: str = "giou") -> Dict[str, Any]:
     """Load ``checkpoint`` (``mdetr.checkpoint.load_model``), evaluate ``task`` on the split's file, return the
-    report: task, split, annotation_file, checkpoint, weights, and ``report``'s metrics / counts / tables."""
+    report: task, split (None with ``ann``: the file is named, not derived from a split), annotation_file,
+    checkpoint, weights, and ``report``'s metrics / counts / tables."""
     if task not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {task!r}")
     if iou_type not in OVERLAPS:
@@ -276,9 +278,7 @@ def evaluate_checkpoint(checkpoint: str, task: str, split: str = "test", ann: Op
     evaluator = run_evaluator(model, loader, task, make_evaluator(task, model.qa_dataset, iou_type), torch_device,
                               precision)
     result = report(task, evaluator)
-    if task == "refexp":  # an entry whose one box the transforms clipped away to nothing is not scored
-        result["counts"]["expressions_without_box"] = len(indices) - result["counts"]["expressions"]
-    return {"task": task, "split": split, "annotation_file": str(dataset.ann_file), "checkpoint": str(checkpoint),
+    return {"task": task, "split": None if ann else split, "annotation_file": str(dataset.ann_file), "checkpoint": str(checkpoint),
             "weights": model.loaded_weights, "samples": len(indices), **result}
 
 

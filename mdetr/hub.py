@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from mdetr import config as config_mod
-from mdetr.checkpoint import state_dict_differences
+from mdetr.checkpoint import load_checkpoint, state_dict_differences
 from mdetr.config import ModelConfig
 
 RELEASE_URL = "https://zenodo.org/record/4721981/files/"
@@ -175,6 +175,23 @@ def load_pretrained(checkpoint: Checkpoint, *, weights: str = "ema", tokenizer: 
     return _build_from(source, requested, weights, tokenizer, attention_backend, "the overrides")
 
 
+def load_training_checkpoint(checkpoint: Checkpoint, *, weights: str = "ema", trusted: bool = False,
+                             attention_backend: str = "reference", device: Union[str, torch.device] = "cpu"):
+    """A checkpoint of ``python -m mdetr.train`` -> (the model in eval mode on ``device``, its resolved ``Config``).
+
+    The saved configuration fixes the architecture and every tensor comes from the file: no pretrained backbone or
+    text-encoder weights are read (only the text encoder's configuration and tokenizer, locally). ``weights``: "ema"
+    or "model" (``load_pretrained``); the model's ``loaded_weights`` says which were loaded. ``trusted``: as for
+    ``load_pretrained``. A released MDETR file is an error that names ``load_pretrained``."""
+    source = _read_checkpoint(checkpoint, trusted)
+    if not _is_training_checkpoint(source.saved):
+        raise ValueError(f"{source.label} is not a training checkpoint of mdetr.train (needs 'model' and 'config'; "
+                         f"got keys {sorted(source.saved)[:10]}); released MDETR checkpoints load with "
+                         f"mdetr.load_pretrained")
+    model = _build_from(source, {}, weights, None, attention_backend, source.label)
+    return model.to(device).eval(), config_mod.from_dict(source.saved["config"])
+
+
 # ---- reading a checkpoint -----------------------------------------------------------------------------------
 
 class CheckpointMismatchError(ValueError):
@@ -214,26 +231,10 @@ def _read_checkpoint(checkpoint: Checkpoint, trusted: bool) -> _Source:
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (nothing is downloaded: pass a local path)")
-    try:
-        with torch.serialization.safe_globals(_plain_data_globals()):
-            saved = torch.load(path, map_location="cpu", weights_only=not trusted, mmap=zipfile.is_zipfile(path))
-    except Exception as err:
-        hint = "" if trusted else "; if it holds other Python objects and you trust it, pass trusted=True"
-        raise RuntimeError(f"checkpoint {str(path)!r} could not be read: {err}{hint}") from err
+    saved = load_checkpoint(path, trusted, mmap=zipfile.is_zipfile(path))
     if not isinstance(saved, Mapping):
         raise ValueError(f"checkpoint {str(path)!r} holds a {type(saved).__name__}, not a dict")
     return _Source(saved, f"checkpoint {str(path)!r}")
-
-
-def _plain_data_globals() -> List[Any]:
-    """What checkpoints hold beyond tensors, safe to unpickle: the reference's ``args`` (argparse.Namespace), and
-    NumPy arrays, dtypes and scalars (our RNG states and metric history)."""
-    import numpy as np
-
-    reconstruct_array = np.zeros(1).__reduce__()[0]  # numpy's private names moved in 2.0: ask numpy
-    reconstruct_scalar = np.float64(0).__reduce__()[0]
-    dtype_classes = {type(np.dtype(code)) for code in "?bBhHiIlLqQefd"}  # numpy >= 1.25: one class per dtype
-    return [argparse.Namespace, np.ndarray, np.dtype, reconstruct_array, reconstruct_scalar, *dtype_classes]
 
 
 def _is_training_checkpoint(saved: Mapping[str, Any]) -> bool:
@@ -241,28 +242,28 @@ def _is_training_checkpoint(saved: Mapping[str, Any]) -> bool:
     return isinstance(saved.get("config"), Mapping) and "model" in saved
 
 
-def _state_dict(source: _Source, weights: str, ema_key: str) -> Mapping[str, Tensor]:
-    """The state dict to load: the EMA copy under ``ema_key`` when asked for and present, else "model"; a bare
-    state dict (tensors only) as is."""
+def _state_dict(source: _Source, weights: str, ema_key: str) -> Tuple[Mapping[str, Tensor], str]:
+    """(the state dict to load, "ema" or "model": which it is): the EMA copy under ``ema_key`` when asked for and
+    present, else "model"; a bare state dict (tensors only) as is ("model")."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     saved = source.saved
     if "model" not in saved:
         if saved and all(isinstance(v, Tensor) for v in saved.values()):
-            return saved
+            return saved, "model"
         raise ValueError(f"{source.label} has no 'model' state dict (keys: {sorted(saved)[:10]})")
     if weights == "ema" and saved.get(ema_key) is not None:
-        return saved[ema_key]
-    return saved["model"]
+        return saved[ema_key], "ema"
+    return saved["model"], "model"
 
 
 # ---- what a checkpoint holds --------------------------------------------------------------------------------
 
-# Settings a released file fixes (from its tensors, or as the reference has them: no box_refine, QA read from
-# the first decoder layer); any other ModelConfig field may be chosen freely.
+# Settings a released file fixes (from its tensors, or as the reference has them: no box_refine, no spatial
+# attention, QA read from the first decoder layer); any other ModelConfig field may be chosen freely.
 _RELEASED_FIXED = {"backbone", "pretrained_backbone", "backbone_stride", "frozen_bn_eps", "d_model", "enc_layers",
                    "dec_layers", "dim_feedforward", "num_queries", "query_grid", "token_head", "box_refine",
-                   "qa_layer", "contrastive_align_dim", "qa_dataset"}
+                   "spatial_attention", "qa_layer", "contrastive_align_dim", "qa_dataset"}
 # ... and one of ours, from its saved configuration.
 _TRAINED_FIXED = _RELEASED_FIXED | {"nheads", "text_encoder"}
 
@@ -277,6 +278,7 @@ class _Architecture:
     extras: Dict[str, Any]
     state: Mapping[str, Tensor]
     text_encoder: str
+    weights: str  # which of the file's state dicts ``state`` is: "ema" or "model"
 
 
 def _build_from(source: _Source, requested: Mapping[str, Any], weights: str, tokenizer: Optional[str],
@@ -300,6 +302,7 @@ def _build_from(source: _Source, requested: Mapping[str, Any], weights: str, tok
     model = build_mdetr(**dataclasses.asdict(cfg), **arch.extras, attention_backend=attention_backend,
                         load_backbone_weights=False)
     load_exactly(model, arch.state, source.label)
+    model.loaded_weights = arch.weights  # "ema" asked of a file without EMA weights gives "model"
     return model
 
 
@@ -358,8 +361,9 @@ def _trained_architecture(source: _Source, weights: str) -> _Architecture:
     except OSError as err:
         raise ValueError(f"{source.label}: the configuration of its text encoder {cfg.text_encoder!r} is not "
                          f"available locally (nothing is downloaded): {err}") from err
-    return _Architecture(cfg, set(_TRAINED_FIXED), {"text_encoder_config": text_config},
-                         _state_dict(source, weights, "ema"), cfg.text_encoder)
+    state, used = _state_dict(source, weights, "ema")
+    return _Architecture(cfg, set(_TRAINED_FIXED), {"text_encoder_config": text_config}, state, cfg.text_encoder,
+                         used)
 
 
 # ---- released MDETR checkpoints -----------------------------------------------------------------------------
@@ -417,7 +421,7 @@ def _released_architecture(source: _Source, weights: str, backbone_hint: Optiona
     """A released file: the architecture from the tensors' names and shapes (and the reference's args if saved)."""
     args = source.saved.get("args")
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
-    state = _state_dict(source, weights, "model_ema")
+    state, used = _state_dict(source, weights, "model_ema")
     _reject_unsupported(state, args, source.label)
     mapped = {}
     for key, tensor in state.items():
@@ -447,7 +451,7 @@ def _released_architecture(source: _Source, weights: str, backbone_hint: Optiona
     if qa_dataset == "clevr":
         extras["clevr_attr_classes"] = shape("answer_attr_head.weight")[0]
     fixed = _RELEASED_FIXED | ({"nheads"} if "nheads" in args else set())
-    return _Architecture(cfg, fixed, extras, mapped, text_words)
+    return _Architecture(cfg, fixed, extras, mapped, text_words, used)
 
 
 def _shape(state: Mapping[str, Tensor], label: str, key: str) -> Tuple[int, ...]:

@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from transformers import BatchEncoding
 
-from mdetr.checkpoint import load_model
+from mdetr.checkpoint import load_checkpoint, load_model
 from mdetr.data import build_dataset, make_transforms
 from mdetr.data.annotations import read_rgb_image
 from mdetr.data.transforms import Compose
@@ -98,6 +98,19 @@ def _merge_spans(spans: Sequence[Span], caption: str) -> List[Span]:
     return merged
 
 
+def _word_span(tokenized: BatchEncoding, index: int, token: int, caption: str) -> Optional[Span]:
+    """The characters of the word that token ``token`` of caption ``index`` belongs to, without surrounding
+    whitespace; None for special and padding tokens and for tokens without text."""
+    span = tokenized.token_to_chars(index, token)
+    if span is None or not caption[span.start:span.end].strip():
+        return None
+    word = tokenized.token_to_word(index, token)
+    whole = tokenized.word_to_chars(index, word) if word is not None else None
+    begin, end = (whole.start, whole.end) if whole is not None else (span.start, span.end)
+    text = caption[begin:end]
+    return begin + len(text) - len(text.lstrip()), end - len(text) + len(text.rstrip())
+
+
 def box_phrases(token_probs: Tensor, tokenized: BatchEncoding, index: int, caption: str,
                 token_threshold: float = DEFAULT_TOKEN_THRESHOLD) -> Tuple[List[str], List[List[Span]]]:
     """Per box, the words of the caption its soft-token distribution puts mass on.
@@ -105,9 +118,10 @@ def box_phrases(token_probs: Tensor, tokenized: BatchEncoding, index: int, capti
     token_probs [N, C]: the N boxes' probabilities over the class slots (softmax over all of them, no-object
     included) for caption ``index`` of ``tokenized`` (a fast tokenizer's batch encoding of ``caption``). A box's
     phrase is the caption's tokens above ``token_threshold`` (its most probable token when none is), mapped to
-    characters through the tokenizer's offsets; special and padding tokens have none and never count.
+    characters through the tokenizer's offsets and widened to whole words (a sub-word piece labels its word);
+    special and padding tokens, and tokens without text (a byte-level BPE's lone space), have none and never count.
     -> (labels: N strings, the merged spans' text joined by spaces; spans: N lists of [begin, end))."""
-    char_spans = [tokenized.token_to_chars(index, t) for t in range(tokenized["input_ids"].shape[1])]
+    char_spans = [_word_span(tokenized, index, t, caption) for t in range(tokenized["input_ids"].shape[1])]
     word_tokens = [t for t, span in enumerate(char_spans) if span is not None]
     if not word_tokens:  # a caption the tokenizer reads as nothing but special tokens
         return [""] * len(token_probs), [[] for _ in range(len(token_probs))]
@@ -117,7 +131,7 @@ def box_phrases(token_probs: Tensor, tokenized: BatchEncoding, index: int, capti
     labels, spans = [], []
     for row, fallback in zip(selected, best):
         chosen = [word_tokens[j] for j, above in enumerate(row) if above] or [word_tokens[fallback]]
-        box_spans = _merge_spans([(char_spans[t].start, char_spans[t].end) for t in chosen], caption)
+        box_spans = _merge_spans([char_spans[t] for t in chosen], caption)
         labels.append(" ".join(caption[b:e] for b, e in box_spans))
         spans.append(box_spans)
     return labels, spans
@@ -166,7 +180,7 @@ def find_answer_vocab(checkpoint: Union[str, Path], cfg) -> Tuple[Optional[Answe
     ``answer_vocab`` entry; the config's ``data.answer_vocab`` file; the training annotation file (the dataset's own
     rule: ``info.answer_vocab``, else its sorted attribute answers; CLEVR heads only, GQA needs the file); the
     shapes generator's vocabulary for a shapes-world run. (None, why) when none is found."""
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)  # lazily: no weights read
+    saved = load_checkpoint(checkpoint, mmap=True)  # lazily: no weights read
     if saved.get("answer_vocab") is not None:
         return saved["answer_vocab"], f"checkpoint {str(checkpoint)!r}"
     vocab_file = Path(cfg.data.answer_vocab) if cfg.data.answer_vocab else None
@@ -261,6 +275,9 @@ class Predictor:
         self.model = model.eval()
         self.transforms = transforms
         self.device = next(model.parameters()).device
+        if model.qa_dataset is None and answer_vocab is not None:
+            raise ValueError("answer_vocab: the model has no QA heads (model.qa_dataset is None), so there are no "
+                             "answers to name")
         has_names = model.qa_dataset is not None and answer_vocab is not None
         self.answer_names = answer_names(model.qa_dataset, answer_vocab) if has_names else None
         self.answer_vocab_source = answer_vocab_source
@@ -290,7 +307,8 @@ class Predictor:
         """The eval transform and ONE backbone pass, expanded (a view, no copy) to ``num_captions``:
         features [K, C, h, w], feature_mask [K, h, w], pos [K, d, h, w]."""
         pixels, _ = self.transforms(image, {"boxes": torch.zeros(0, 4)})
-        pixels = pixels[None].to(self.device)  # [1, 3, H, W], one image: no padding
+        dtype = next(self.model.parameters()).dtype  # a half or bfloat16 model takes its own dtype
+        pixels = pixels[None].to(self.device, dtype)  # [1, 3, H, W], one image: no padding
         mask = torch.zeros(1, *pixels.shape[2:], dtype=torch.bool, device=self.device)
         features, feature_mask, pos = self.model.backbone(pixels, mask)
         return (features.expand(num_captions, -1, -1, -1), feature_mask.expand(num_captions, -1, -1),
@@ -344,12 +362,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--image", required=True, help="the image file")
     parser.add_argument("--caption", action="append", required=True,
                         help="a caption or question; repeat for several (the image is encoded once)")
-    parser.add_argument("--out", help="the PNG to write, one panel per caption (default: <image stem>_mdetr.png)")
+    parser.add_argument("--out", help="the PNG to write, one panel per caption (default: <image stem>_mdetr.png in "
+                        "the current folder)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help="keep boxes with score = 1 - p(no-object) above this")
     parser.add_argument("--token-threshold", type=float, default=DEFAULT_TOKEN_THRESHOLD,
                         help="a token belongs to a box's phrase above this probability")
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
+                        help="the EMA or the live weights (best.pth holds its validated EMA weights under both)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--answer-vocab", help="QA: JSON answer vocabulary (CLEVR: list of attribute answers; "
                         "GQA: gqa_answer2id_by_type.json), when the checkpoint's cannot be found")
@@ -358,6 +378,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:  # the cheap checks first: a wrong argument fails before the model loads
+        _check_probability("--threshold", args.threshold)
+        _check_probability("--token-threshold", args.token_threshold)
+        if args.out and Path(args.out).suffix.lower() != ".png":
+            raise ValueError(f"--out must name a .png file, got {args.out!r}")
         image = load_image(args.image)
         captions = check_captions(args.caption)
         predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.weights, args.answer_vocab)

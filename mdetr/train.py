@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
 
 import detr_kernels
 from mdetr import checkpoint as ckpt
@@ -84,11 +85,12 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
         detr_kernels.report(backends, device)
 
     train_set, val_set = build_datasets(cfg.data, cfg.model.text_encoder, is_main=main)
+    check_val_entries(cfg, val_set)
     train_loader = build_loader(train_set, cfg.data.batch_size, shuffle=True, num_workers=cfg.data.num_workers,
                                 seed=cfg.train.seed, distributed=world > 1, rank=rank,
                                 aspect_groups=cfg.data.aspect_groups)
-    val_loader = build_loader(val_set, cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
-                              seed=cfg.train.seed, distributed=world > 1, aspect_groups=cfg.data.aspect_groups)
+    val_loader = build_loader(validation_shard(val_set, rank, world), cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
+                              seed=cfg.train.seed, aspect_groups=cfg.data.aspect_groups)
 
     model = build_from_config(cfg.model, attention_backend=backends["attention"]).to(device)
     criterion = build_criterion(cfg.loss, cfg.model.dec_layers, cfg.model.qa_dataset, backends)
@@ -264,6 +266,25 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
     return {"metrics": metrics, "state": state, "minutes": (time.perf_counter() - start) / 60}
 
 
+def validation_shard(val_set, rank: int, world: int):
+    """The validation samples of ``rank``: every world-th one. A DistributedSampler would pad the last round with
+    repeats, which the evaluators would count twice."""
+    return Subset(val_set, range(rank, len(val_set), world)) if world > 1 else val_set
+
+
+def check_val_entries(cfg: Config, val_set) -> None:
+    """Referring-expression validation needs one box per entry, as the reference asserts: precision@k of a caption
+    with several boxes (a question that counts them, a grounding sentence) would be judged against one of them."""
+    if cfg.train.eval_task != "refexp":
+        return
+    several = [e["id"] for e, n in zip(val_set.entries, val_set.boxes_per_entry()) if n > 1]
+    if several:
+        hint = "'qa'" if cfg.model.qa_dataset is not None else "'grounding'"
+        raise ValueError(f"train.eval_task='refexp' needs one box per validation entry, but data.val_ann="
+                         f"{cfg.data.val_ann!r} has {len(several)} entries with several (e.g. entry id {several[0]}); "
+                         f"validate it with train.eval_task={hint}")
+
+
 def check_best_metric(cfg: Config) -> None:
     """``train.best_metric`` must be one of the metrics this run's validation reports (or empty)."""
     name = cfg.train.best_metric
@@ -274,7 +295,7 @@ def check_best_metric(cfg: Config) -> None:
     if cfg.train.eval_task == "grounding":
         known = [f"{kind}_box_recall@{k}" for kind in ("any", "merged") for k in KS]
     else:
-        known = [f"precision@{k}" for k in KS]
+        known = [f"precision@{k}" for k in KS] if cfg.train.eval_task == "refexp" else []
         if cfg.model.qa_dataset is not None:
             known += ["qa_accuracy", "qa_type_accuracy", "qa_accuracy_type<t>"]
     qa_type = re.fullmatch(r"qa_accuracy_type\d+", name) is not None and "qa_accuracy_type<t>" in known
@@ -321,9 +342,10 @@ def keep_best(out_dir, cfg: Config, record: Dict[str, float], earlier: Sequence[
 
 def validate(cfg: Config, model: torch.nn.Module, loader, device: torch.device) -> Dict[str, float]:
     """The validation metrics of ``train.eval_task``: "refexp" gives precision@k (and QA accuracy for QA models),
-    "grounding" the Flickr30k Recall@k (any-box and merged-box). One pass; the evaluators of ``mdetr.evaluate``."""
-    if cfg.train.eval_task == "grounding":
-        tasks = ["grounding"]
+    "grounding" the Flickr30k Recall@k (any-box and merged-box), "qa" QA accuracy alone. One pass; the evaluators
+    of ``mdetr.evaluate``."""
+    if cfg.train.eval_task in ("grounding", "qa"):
+        tasks = [cfg.train.eval_task]
     else:
         tasks = ["refexp"] + (["qa"] if cfg.model.qa_dataset is not None else [])
     evaluators = {task: make_evaluator(task, cfg.model.qa_dataset) for task in tasks}

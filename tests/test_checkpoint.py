@@ -84,3 +84,57 @@ def test_load_weights_for_fine_tuning(tmp_path, capsys):
     with pytest.raises(ValueError, match="tensors it lacks .*answer_attr_head"):
         torch.save({"model": target.state_dict()}, tmp_path / "qa.pth")
         load_weights(source, tmp_path / "qa.pth")
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        ckpt.atomic_save({"x": torch.zeros(1)}, tmp_path / "a.pth")
+        ckpt.atomic_write_text("a: 1\n", tmp_path / "config.yaml")
+        (tmp_path / "plain").write_text("")
+    finally:
+        os.umask(previous)
+    modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in ("a.pth", "config.yaml", "plain")}
+    assert modes == {"a.pth": 0o644, "config.yaml": 0o644, "plain": 0o644}  # mkstemp alone gives 0600
+
+
+class NotPlainData:  # a pickled object that torch.load(weights_only=True) refuses
+    pass
+
+
+def test_checkpoints_unpickle_plain_data_only_unless_trusted(tmp_path):
+    state = {"model": {"w": torch.zeros(1)}, "rng": ckpt.rng_state(), "extra": NotPlainData()}
+    torch.save(state, tmp_path / "odd.pth")
+    with pytest.raises(RuntimeError, match=r"(?s)odd.pth' could not be read: .*load it with trusted=True"):
+        ckpt.load_checkpoint(tmp_path / "odd.pth")
+    assert isinstance(ckpt.load_checkpoint(tmp_path / "odd.pth", trusted=True)["extra"], NotPlainData)
+    del state["extra"]  # our own checkpoints: tensors, RNG states (NumPy arrays, tuples) and plain data
+    torch.save(state, tmp_path / "ours.pth")
+    assert set(ckpt.load_checkpoint(tmp_path / "ours.pth")) == {"model", "rng"}
+
+
+def test_load_model_reads_no_pretrained_weights(tmp_path, monkeypatch):
+    # a run trained where its backbone's ImageNet weights were cached must load where they are not
+    from mdetr import config as C
+    from mdetr.models import backbone as backbone_mod
+    from mdetr.models import build_from_config
+    from mdetr.models import text as text_mod
+
+    cfg = C.resolve("shapes", None, ["--model.d_model=32", "--model.nheads=4", "--model.enc_layers=1",
+                                     "--model.dec_layers=1", "--model.dim_feedforward=32"])
+    assert cfg.model.pretrained_backbone
+    torch.manual_seed(0)
+    model = build_from_config(cfg.model)
+    torch.save({"model": model.state_dict(), "ema": None, "config": cfg.to_dict()}, tmp_path / "run.pth")
+
+    def unavailable(*args, **kwargs):
+        raise FileNotFoundError("no pretrained weights on this machine")
+
+    monkeypatch.setattr(backbone_mod, "_load_pretrained", unavailable)  # the backbone's ImageNet weights
+    monkeypatch.setattr(text_mod.AutoModel, "from_pretrained", unavailable)  # the text encoder's weights
+    with pytest.raises(FileNotFoundError):
+        build_from_config(cfg.model)  # the patches bite
+    loaded, loaded_cfg = ckpt.load_model(tmp_path / "run.pth")
+    assert loaded_cfg == cfg and loaded.loaded_weights == "model" and not loaded.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

@@ -398,8 +398,13 @@ def test_refexp_counts_an_entry_whose_box_lies_outside_its_image(checkpoints, tm
     ann = tmp_path / "refexp_one_box_outside.json"
     ann.write_text(json.dumps(data))
     result = evaluate_checkpoint(checkpoints["detector"], "refexp", ann=str(ann), weights="model")
-    assert result["counts"]["expressions_without_box"] == 1
-    assert result["counts"]["expressions"] == result["samples"] - 1 == len(data["images"]) - 1
+    assert result["counts"]["expressions_without_box"] == 1  # scored as a miss, as the reference does
+    assert result["counts"]["expressions"] == result["samples"] == len(data["images"])
+    evaluator = RefExpEvaluator(ks=(1,))
+    evaluator.update(torch.tensor([[[0.0, 0, 10, 10]]]), torch.ones(1, 1), torch.tensor([[0.0, 0, 10, 10]]))
+    evaluator.add_misses(1)
+    assert evaluator.summarize() == {"precision@1": 0.5} and evaluator.without_box == 1
+    assert result["split"] is None and result["annotation_file"] == str(ann.resolve())  # a named file, no split
 
 
 def test_qa_evaluation_reads_answers_in_the_vocabulary_of_training(checkpoints, tmp_path, monkeypatch):

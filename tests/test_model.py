@@ -649,3 +649,119 @@ def test_box_refinement_offsets_each_layer_from_the_previous_box(query_grid):
     (grad,) = torch.autograd.grad(boxes.sum(), bias)
     assert_close(grad, (boxes * (1 - boxes)).detach().sum((0, 1)), what="bias gradient")
 
+
+
+# ---- content-conditioned half-plane attention (model.spatial_attention) -------------------------------------
+
+from mdetr.models.transformer import SpatialBias, image_positions, relative_steps  # noqa: E402
+
+
+def spatial_model(spatial_attention="both", qa_dataset=None, **kwargs):
+    torch.manual_seed(0)
+    return build_mdetr(**dict(TINY, num_queries=9), query_grid=3, backbone_stride=16, pretrained_backbone=False,
+                       spatial_attention=spatial_attention, qa_dataset=qa_dataset, **kwargs).eval()
+
+
+def randomize_spatial_biases(model, scale=0.5):
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, SpatialBias):
+                for param in module.parameters():
+                    param.copy_(scale * torch.randn(param.shape, generator=gen))
+
+
+def test_image_positions_are_cell_centres_of_the_unpadded_image():
+    mask = torch.zeros(2, 2, 4, dtype=torch.bool)
+    mask[1, :, 2:] = True  # the second image: 2 valid columns of 4
+    xy = image_positions(mask)
+    assert xy.shape == (2, 8, 2)
+    assert_close(xy[0, :4, 0], torch.tensor([1 / 8, 3 / 8, 5 / 8, 7 / 8]), what="x, first image")
+    assert_close(xy[1, :2, 0], torch.tensor([1 / 4, 3 / 4]), what="x, second image (relative to its 2 columns)")
+    assert_close(xy[:, ::4, 1], torch.tensor([[1 / 4, 3 / 4]] * 2), what="y of each row")
+
+
+def test_spatial_bias_points_each_head_to_one_side():
+    bias_module = SpatialBias(d_model=8, nheads=2)
+    with torch.no_grad():
+        bias_module.direction.bias.copy_(torch.tensor([1.0, 0.0, 0.0, -2.0]))  # head 0: right (+x); head 1: up (-y)
+    xy = torch.tensor([[[0.5, 0.5], [0.9, 0.5], [0.1, 0.5], [0.5, 0.1], [0.0, 0.0]]])  # last: a text token
+    on = torch.tensor([[True, True, True, True, False]])
+    steps = relative_steps(xy, on, xy, on)
+    padding = torch.tensor([[False, False, True, False, False]])  # key 2 is padding
+    bias = bias_module(torch.zeros(5, 1, 8), steps, padding).view(2, 5, 5)  # [H, Lq, Lk]
+    scale, tau = SpatialBias.SCALE, SpatialBias.TAU
+    assert math.isclose(bias[0, 0, 1].item(), scale * math.tanh(0.4 / tau), rel_tol=1e-5)  # key right of query 0
+    assert math.isclose(bias[0, 0, 3].item(), 0.0, abs_tol=1e-6)  # straight above: no x offset
+    assert math.isclose(bias[1, 0, 3].item(), -2 * scale * math.tanh(-0.4 / tau), rel_tol=1e-5)  # head 1: up
+    assert math.isclose(bias[0, 1, 0].item(), -scale * math.tanh(0.4 / tau), rel_tol=1e-5)  # key left of query 1
+    assert torch.isinf(bias[:, :, 2]).all() and (bias[:, :, 2] < 0).all()  # padded key: -inf for every query
+    assert (bias[:, 4, [0, 1, 3, 4]] == 0).all() and (bias[:, [0, 1, 3], 4] == 0).all()  # text: no bias either way
+    assert (bias[:, torch.arange(5), torch.arange(5)][:, [0, 1, 3, 4]] == 0).all()  # a token and itself
+
+
+def test_spatial_attention_starts_as_the_plain_model():
+    plain, spatial = spatial_model("none"), spatial_model("both")
+    missing, unexpected = spatial.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".spatial_bias.direction." in key for key in missing)
+    assert len(missing) == 2 * (TINY["enc_layers"] + TINY["dec_layers"])  # weight and bias per layer
+    images, mask = images_and_mask()
+    with torch.no_grad():
+        expected, actual = plain(images, mask, CAPTIONS), spatial(images, mask, CAPTIONS)
+    for key in ("pred_logits", "pred_boxes", "proj_queries", "proj_tokens"):
+        assert_close(actual[key], expected[key], atol=1e-5, what=f"zero-initialized spatial biases: {key}")
+
+
+@pytest.mark.parametrize("where", ["encoder", "decoder"])
+def test_spatial_attention_changes_only_its_layers(where):
+    plain = spatial_model("none")
+    spatial = spatial_model(where)
+    spatial.load_state_dict(plain.state_dict(), strict=False)
+    randomize_spatial_biases(spatial)
+    images, mask = images_and_mask()
+    with torch.no_grad():
+        plain_cache, spatial_cache = plain.encode(images, mask, CAPTIONS), spatial.encode(images, mask, CAPTIONS)
+        changed = not torch.allclose(spatial_cache["img_memory"], plain_cache["img_memory"], atol=1e-4)
+        assert changed == (where == "encoder")
+        out = spatial.decode(spatial_cache)
+    assert not torch.allclose(out["pred_boxes"], plain.decode(plain_cache)["pred_boxes"], atol=1e-4)
+
+
+def test_spatial_attention_ignores_padded_image_tokens():
+    model = spatial_model("both")
+    randomize_spatial_biases(model)
+    images, mask = images_and_mask()
+    with torch.no_grad():
+        cache = model.encode(images, mask, CAPTIONS)
+        perturbed = dict(cache, img_memory=cache["img_memory"] + 10 * cache["mask"].T[..., None])
+        clean_out, perturbed_out = model.decode(cache), model.decode(perturbed)
+        assert cache["mask"][1].any()
+    for key in ("pred_logits", "pred_boxes"):
+        assert_close(perturbed_out[key], clean_out[key], atol=1e-4, what=f"padded memory, spatial decoder: {key}")
+
+
+def test_spatial_attention_trains_with_qa_slots_and_the_sdpa_backend():
+    model = spatial_model("both", qa_dataset="clevr").train()
+    out = model(*images_and_mask(), CAPTIONS)
+    (out["pred_logits"].logsumexp(-1).mean() + out["pred_boxes"].sum() + out["pred_answer_type"].sum()).backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if "spatial_bias" in name}
+    assert len(grads) == 8 and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    if importlib.util.find_spec("detr_kernels.attention") is None:
+        return
+    reference = spatial_model("both")
+    randomize_spatial_biases(reference)
+    fused = spatial_model("both", attention_backend="sdpa")
+    fused.load_state_dict(reference.state_dict())
+    images, mask = images_and_mask()
+    with torch.no_grad():
+        expected, actual = reference(images, mask, CAPTIONS), fused(images, mask, CAPTIONS)
+    for key in ("pred_logits", "pred_boxes"):
+        assert_close(actual[key], expected[key], atol=1e-4, what=f"sdpa backend with spatial biases: {key}")
+
+
+def test_spatial_attention_settings_are_checked():
+    with pytest.raises(ValueError, match="spatial_attention must be one of"):
+        spatial_model("left")
+    with pytest.raises(ValueError, match="needs anchor queries"):
+        build_mdetr(**TINY, spatial_attention="decoder", pretrained_backbone=False)
+    build_mdetr(**TINY, spatial_attention="encoder", pretrained_backbone=False)  # the encoder needs no anchors

@@ -143,6 +143,20 @@ def test_box_phrases_merge_tokens_and_fall_back_to_the_best_one():
     assert spans[0] == [(2, 17)] and len(spans[1]) == 2
 
 
+def test_box_phrases_label_whole_words_and_skip_tokens_without_text():
+    caption = "an  unbelievably red   circle"
+    tokenized = load_tokenizer("all-MiniLM-L6-v2")([caption], padding="longest", return_tensors="pt")
+    tokens = tokenized.tokens(0)
+    pieces = [i for i, t in enumerate(tokens) if t.startswith("##")]
+    assert pieces, tokens  # "unbelievably" is several word pieces
+    probs = torch.zeros(2, 256)
+    probs[0, pieces[-1]] = 0.5  # one piece of the word: the label is the whole word
+    probs[1, [pieces[-1], tokens.index("red")]] = 0.5  # adjacent words across two spaces: one span
+    labels, spans = box_phrases(probs, tokenized, 0, caption, token_threshold=0.1)
+    assert labels == ["unbelievably", "unbelievably red"]
+    assert spans[0] == [(4, 16)]
+
+
 def test_decode_answers_per_head_and_vocabulary():
     outputs = {"pred_answer_type": torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [0, 5.0, 0]]),
                "pred_answer_binary": torch.tensor([2.0, 0, 0, 0]),
@@ -203,6 +217,18 @@ def test_bad_inputs_raise_errors_that_name_the_argument(predictor, files):
         predictor.predict(files["image"], "a red circle", threshold=1.5)
     with pytest.raises(FileNotFoundError, match="checkpoint .*does not exist"):
         Predictor.from_checkpoint(files["root"] / "missing.pth")
+    with pytest.raises(ValueError, match="answer_vocab: the model has no QA heads"):
+        Predictor(predictor.model, predictor.transforms, answer_vocab=["red"])
+
+
+@pytest.mark.parametrize("argument, message", [("--threshold=1.5", "--threshold must be in"),
+                                               ("--token-threshold=-1", "--token-threshold must be in"),
+                                               ("--out=vis.jpg", "--out must name a .png file")])
+def test_cli_bad_settings_fail_before_the_model_loads(files, capsys, monkeypatch, argument, message):
+    monkeypatch.setattr(Predictor, "from_checkpoint", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", files["detector"], "--image", files["image"], "--caption", "a red circle", argument])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argument, message", [("--image", "image"), ("--checkpoint", "checkpoint")])

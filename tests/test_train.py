@@ -2,6 +2,8 @@
 (gloo) gives the gradients of one process, and a 2-process run stops and resumes together."""
 import json
 import os
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -406,6 +408,37 @@ def test_best_metric_must_be_a_metric_of_the_run(shapes_root, tmp_path):
         check_best_metric(cfg(**{"train.best_metric": "qa_accuracy_typeX", "model.qa_dataset": "clevr"}))
     with pytest.raises(ValueError, match="got 'minutes'"):  # a record's field, not a metric
         run(cfg(**{"train.best_metric": "minutes"}))
+    qa = {"model.qa_dataset": "clevr", "train.eval_task": "qa"}
+    check_best_metric(cfg(**qa, **{"train.best_metric": "qa_accuracy"}))
+    with pytest.raises(ValueError, match=r"\(train.eval_task='qa', model.qa_dataset='clevr'\): one of \['qa_accuracy'"):
+        check_best_metric(cfg(**qa, **{"train.best_metric": "precision@1"}))  # QA validation alone has no P@k
+
+
+def test_validation_shards_cover_each_sample_once():
+    from mdetr.train import validation_shard
+
+    samples = list(range(7))
+    assert validation_shard(samples, 0, 1) is samples
+    shards = [list(validation_shard(samples, rank, 3)) for rank in range(3)]
+    assert shards == [[0, 3, 6], [1, 4], [2, 5]]  # no padding repeats: 7 samples, 7 evaluations
+
+
+def test_qa_validation_reports_qa_metrics_only(shapes_root, tmp_path):
+    # a question's boxes (none, or every object it counts) are no referring expression: its precision@k was noise
+    common = {"data.train_ann": "shapes_qa_train.json", "data.val_ann": "shapes_qa_val.json",
+              "model.qa_dataset": "clevr", "optim.epochs": 1}
+    with pytest.raises(ValueError, match=r"model.qa_dataset=None"):
+        tiny_config(shapes_root, str(tmp_path / "no_heads"), **{"train.eval_task": "qa"})
+    with pytest.raises(ValueError, match=r"train.eval_task='refexp' needs one box per validation entry, but "
+                                         r"data.val_ann='shapes_qa_val.json' has (\d+) entries with several "
+                                         r".*validate it with train.eval_task='qa'") as error:
+        run(tiny_config(shapes_root, str(tmp_path / "refexp"), **common))  # generates the world, then stops
+    val = json.loads((Path(shapes_root) / "annotations" / "shapes_qa_val.json").read_text())
+    several = [i for i, n in Counter(a["image_id"] for a in val["annotations"]).items() if n > 1]
+    assert f"has {len(several)} entries with several" in str(error.value) and several
+    result = run(tiny_config(shapes_root, str(tmp_path / "qa"), **common, **{"train.eval_task": "qa"}))
+    assert "qa_accuracy" in result["metrics"] and not any(k.startswith("precision@") for k in result["metrics"])
+    assert C.preset("clevr").train.eval_task == C.preset("gqa").train.eval_task == "qa"
 
 
 def test_negative_step_interval_is_rejected():

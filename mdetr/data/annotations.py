@@ -167,6 +167,10 @@ class ModulatedDetection(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def boxes_per_entry(self) -> List[int]:
+        """The number of (non-crowd) boxes of each entry, in entry order, as the file has them."""
+        return [sum(1 for a in self.annotations.get(e["id"], []) if not a.get("iscrowd", 0)) for e in self.entries]
+
     def _where(self, entry: dict) -> str:
         return f"entry id {entry.get('id')} (file {entry.get('file_name')!r}, caption {entry.get('caption')!r})"
 

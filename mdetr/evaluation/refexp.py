@@ -36,6 +36,7 @@ class RefExpEvaluator:
         self.iou_type = iou_type
         self.hits = torch.zeros(len(self.ks), dtype=torch.long)
         self.count = 0
+        self.without_box = 0  # expressions whose box the transforms clipped away: counted, as misses
 
     @property
     def use_giou(self) -> bool:
@@ -54,10 +55,17 @@ class RefExpEvaluator:
         self.hits += torch.stack([hit[:, : min(k, kmax)].any(1).sum() for k in self.ks]).cpu()  # one host copy
         self.count += pred_boxes.shape[0]
 
+    def add_misses(self, n: int) -> None:
+        """``n`` expressions without a box to compare with (the image's crop or clip left none). The reference
+        compares its predictions with the file's box whatever the image holds, and counts such an expression as a
+        miss; so do we."""
+        self.count += n
+        self.without_box += n
+
     def synchronize(self) -> None:
         """Sum the counts over ranks (a no-op in one process). Call once, on every rank, after the last update."""
-        total = dist_utils.all_reduce_sum(torch.cat([self.hits, torch.tensor([self.count])]))
-        self.hits, self.count = total[:-1].clone(), int(total[-1])
+        total = dist_utils.all_reduce_sum(torch.cat([self.hits, torch.tensor([self.count, self.without_box])]))
+        self.hits, self.count, self.without_box = total[:-2].clone(), int(total[-2]), int(total[-1])
 
     def summarize(self) -> Dict[str, float]:
         return {f"precision@{k}": (self.hits[i].item() / max(self.count, 1)) for i, k in enumerate(self.ks)}

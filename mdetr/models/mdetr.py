@@ -255,7 +255,7 @@ def build_mdetr(backbone: str = "tf_efficientnet_lite0", pretrained_backbone: bo
                 dec_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1, num_queries: int = 100,
                 contrastive_align_dim: int = 64, qa_dataset: Optional[str] = None, clevr_attr_classes: int = 15,
                 predict_final: bool = False, query_grid: int = 0, token_head: str = "linear", box_refine: bool = False,
-                qa_layer: int = 0, attention_backend: str = "reference",
+                qa_layer: int = 0, spatial_attention: str = "none", attention_backend: str = "reference",
                 load_backbone_weights: bool = True, text_encoder_config: Optional[PretrainedConfig] = None) -> MDETR:
     """MDETR with explicit settings (defaults: the paper's sizes on the embedded lite0 + MiniLM encoders).
 
@@ -270,8 +270,11 @@ def build_mdetr(backbone: str = "tf_efficientnet_lite0", pretrained_backbone: bo
     joiner = build_backbone(backbone, pretrained_backbone, backbone_stride,
                             backbone_freeze if train_backbone else "all", d_model // 2, frozen_bn_eps,
                             load_backbone_weights, backbone_per_image)
+    if spatial_attention in ("decoder", "both") and not query_grid:
+        raise ValueError(f"spatial_attention={spatial_attention!r} needs anchor queries (query_grid > 0): the "
+                         "decoder's spatial bias is relative to each query's anchor")
     transformer = Transformer(text_encoder, freeze_text_encoder, d_model, nheads, enc_layers, dec_layers,
-                              dim_feedforward, dropout, attention_backend, text_encoder_config)
+                              dim_feedforward, dropout, attention_backend, text_encoder_config, spatial_attention)
     return MDETR(joiner, transformer, num_queries, contrastive_align_dim=contrastive_align_dim,
                  qa_dataset=qa_dataset, clevr_attr_classes=clevr_attr_classes, predict_final=predict_final,
                  query_grid=query_grid, token_head=token_head, box_refine=box_refine, qa_layer=qa_layer)

@@ -16,7 +16,7 @@ setup(
     package_data={"detr_kernels": ["csrc/*"]},
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.5",  # torch.serialization.safe_globals (checkpoints unpickle plain data only)
+        "torch>=2.6",  # torch.serialization.safe_globals with (function, name) pairs (checkpoint loading)
         "torchvision",
         "timm>=1.0",
         "transformers>=4.40",

@@ -9,7 +9,7 @@ import os
 import random
 import re
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -48,9 +48,10 @@ def atomic_write_text(text: str, path: str | Path) -> None:
 def _atomic_write(path: str | Path, write, mode: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # not mkstemp, which makes 0600 whatever the umask: the new file gets the mode a plain open() gives it
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets what open() would have given it
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -61,12 +62,6 @@ def _atomic_write(path: str | Path, write, mode: str) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it; set it back at once
-    os.umask(mask)
-    return mask
 
 
 def fsync_dir(folder: Path) -> None:
@@ -144,7 +139,11 @@ def plain_data_globals() -> List[Any]:
     reconstruct_array = np.zeros(1).__reduce__()[0]  # numpy's private names moved in 2.0: ask numpy
     reconstruct_scalar = np.float64(0).__reduce__()[0]
     dtype_classes = {type(np.dtype(code)) for code in "?bBhHiIlLqQefd"}  # numpy >= 1.25: one class per dtype
-    return [argparse.Namespace, np.ndarray, np.dtype, reconstruct_array, reconstruct_scalar, *dtype_classes]
+    # a file written under the other NumPy major names the same functions by their other module
+    other_names = [(function, f"numpy.{module}.multiarray.{function.__name__}")
+                   for function in (reconstruct_array, reconstruct_scalar) for module in ("core", "_core")]
+    return [argparse.Namespace, np.ndarray, np.dtype, reconstruct_array, reconstruct_scalar, *dtype_classes,
+            *other_names]
 
 
 def load_checkpoint(path: str | Path, trusted: bool = False, mmap: bool = False) -> Any:
@@ -155,7 +154,9 @@ def load_checkpoint(path: str | Path, trusted: bool = False, mmap: bool = False)
         with torch.serialization.safe_globals(plain_data_globals()):
             return torch.load(path, map_location="cpu", weights_only=not trusted, mmap=mmap)
     except Exception as err:  # a truncated or foreign file, or one with other Python objects
-        hint = "" if trusted else "; if it holds other Python objects and you trust it, load it with trusted=True"
+        hint = "" if trusted else (
+            "; if it holds other Python objects and you trust it, load it trusted (mdetr.evaluate / mdetr.predict "
+            "--trusted, train.trusted_checkpoints=true, trusted=True in Python)")
         raise RuntimeError(f"checkpoint {str(path)!r} could not be read: {err}{hint}") from err
 
 
@@ -164,7 +165,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", weights: st
     """A training checkpoint of ``python -m mdetr.train`` -> (model in eval mode, its resolved ``Config``).
 
     ``weights``: "ema" (the averaged weights, what validation reports; the live ones when the run kept no EMA)
-    or "model" (the live weights; best.pth holds the validated EMA weights under both names). The model's
+    or "model" (the live weights; best.pth holds its validated weights, the EMA ones when the run kept an EMA,
+    under both names). The model's
     ``loaded_weights`` attribute says which were loaded. Every value comes from the file: no pretrained backbone or
     text-encoder weights are read (``mdetr.hub.load_training_checkpoint``), so a run trained where those were
     cached loads where they are not."""
@@ -184,7 +186,7 @@ def state_dict_differences(model, state: Dict[str, Any]) -> Tuple[List[str], Lis
     return unexpected, missing, mismatched
 
 
-def load_weights(model, path: str | Path, verbose: bool = True) -> None:
+def load_weights(model, path: str | Path, verbose: bool = True, trusted: bool = False) -> None:
     """Fine-tuning start: copy a training checkpoint's weights (its EMA when it has one) into ``model``.
 
     Tensors are matched by name. Heads the new task adds (e.g. QA heads on a pre-trained detector) keep their
@@ -193,7 +195,7 @@ def load_weights(model, path: str | Path, verbose: bool = True) -> None:
     if not Path(path).is_file():
         raise FileNotFoundError(f"train.load: no checkpoint at {str(path)!r} (the shapes fine-tuning presets start "
                                 f"from the default run's runs/shapes/checkpoint.pth: run `python -m mdetr.train` first)")
-    saved = load_checkpoint(path)
+    saved = load_checkpoint(path, trusted)
     if not isinstance(saved, dict) or "model" not in saved:
         raise ValueError(f"train.load: {str(path)!r} is not a training checkpoint of mdetr.train (no 'model' entry)")
     state = saved["ema"] if saved.get("ema") else saved["model"]

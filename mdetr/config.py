@@ -108,6 +108,8 @@ class TrainConfig:
     fused: bool = False  # detr_kernels' backends: SDPA attention, compiled matcher, Triton losses on CUDA
     resume: str = ""  # "", "auto" (latest checkpoint in output_dir) or a checkpoint path
     load: str = ""  # fine-tuning: start from this checkpoint's (EMA) weights, with a fresh optimizer and schedule
+    trusted_checkpoints: bool = False  # unpickle any Python object in --resume and train.load files (only for
+    # files you trust); by default tensors and plain data only, which is all this stack and MDETR's releases write
     log_every: int = 20  # steps between host syncs for logging
     eval_every: int = 1  # epochs between validations
     eval_every_steps: int = 0  # > 0: also validate every this many optimizer steps, within epochs (learning curves
@@ -393,10 +395,14 @@ def validate(cfg: Config) -> None:
                "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
                "data.dataset": (cfg.data.dataset, ("shapes", "mdetr")),
                "train.eval_task": (cfg.train.eval_task, ("refexp", "grounding", "qa")),
+               "model.spatial_attention": (cfg.model.spatial_attention, ("none", "encoder", "decoder", "both")),
                "model.token_head": (cfg.model.token_head, ("linear", "similarity"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+    if cfg.model.spatial_attention in ("decoder", "both") and not cfg.model.query_grid:
+        raise ValueError(f"model.spatial_attention={cfg.model.spatial_attention!r} needs anchor queries "
+                         f"(model.query_grid > 0): the decoder's spatial bias is relative to each query's anchor")
     if cfg.train.eval_task == "qa" and cfg.model.qa_dataset is None:
         raise ValueError("train.eval_task='qa' needs a model with QA heads (model.qa_dataset 'clevr' or 'gqa'), got "
                          "model.qa_dataset=None")

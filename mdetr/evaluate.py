@@ -96,18 +96,29 @@ def load_dataset(cfg, task: str, split: str, ann: Optional[str] = None,
     return dataset
 
 
+def refexp_entry_problem(dataset: ModulatedDetection) -> Optional[str]:
+    """Why ``dataset`` cannot be scored as referring expressions, or None: each entry needs exactly one box in the
+    file, as the reference asserts (one whose box the transforms clip away still counts, as a miss)."""
+    boxes = dataset.boxes_per_entry()
+    several = [e["id"] for e, n in zip(dataset.entries, boxes) if n > 1]
+    none = [e["id"] for e, n in zip(dataset.entries, boxes) if n == 0]
+    problems = ([f"{len(several)} entries with several boxes (e.g. entry id {several[0]})"] if several else []) + \
+        ([f"{len(none)} entries without a box (e.g. entry id {none[0]})"] if none else [])
+    return " and ".join(problems) or None
+
+
 def select_samples(dataset: ModulatedDetection, task: str, qa_dataset: Optional[str]) -> List[int]:
     """Indices of the entries ``task`` evaluates; ValueError when the file (or the model) cannot serve it."""
     where = f"--task {task}: annotation file {str(dataset.ann_file)!r}"
     entries = dataset.entries
     num_boxes = dataset.boxes_per_entry()
     if task == "refexp":
-        several = [e["id"] for e, n in zip(entries, num_boxes) if n > 1]
-        if several:
-            raise ValueError(f"{where} has {len(several)} entries with several boxes (e.g. entry id {several[0]}); "
-                             f"a referring expression has one referent (use --task grounding or coco)")
-        chosen = [i for i, n in enumerate(num_boxes) if n == 1]
-        missing = "no entry with a box"
+        problem = refexp_entry_problem(dataset)
+        if problem:
+            raise ValueError(f"{where} has {problem}; a referring expression has one referent (use --task "
+                             f"grounding or coco)")
+        chosen = list(range(len(entries)))
+        missing = "no entry"
     elif task == "grounding":
         chosen = [i for i, e in enumerate(entries) if "tokens_positive_eval" in e]
         missing = "no entry with 'tokens_positive_eval' (the phrases to ground, as Flickr30k Entities files have)"
@@ -254,7 +265,7 @@ def report(task: str, evaluator) -> Dict[str, Any]:
 def evaluate_checkpoint(checkpoint: str, task: str, split: str = "test", ann: Optional[str] = None,
                         image_dir: Optional[str] = None, weights: str = "ema", batch_size: Optional[int] = None,
                         num_workers: Optional[int] = None, device: str = "auto", precision: str = "fp32",
-                        iou_type: str = "giou") -> Dict[str, Any]:
+                        iou_type: str = "giou", trusted: bool = False) -> Dict[str, Any]:
     """Load ``checkpoint`` (``mdetr.checkpoint.load_model``), evaluate ``task`` on the split's file, return the
     report: task, split (None with ``ann``: the file is named, not derived from a split), annotation_file,
     checkpoint, weights, and ``report``'s metrics / counts / tables."""
@@ -267,10 +278,10 @@ def evaluate_checkpoint(checkpoint: str, task: str, split: str = "test", ann: Op
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch.cuda.is_available() is False on this machine")
     torch_device, rank, world = dist_utils.init_from_env(device)
-    model, cfg = load_model(checkpoint, torch_device, weights)
+    model, cfg = load_model(checkpoint, torch_device, weights, trusted=trusted)
     answer_vocab = None
     if task == "qa" and model.qa_dataset is not None:
-        answer_vocab, _ = find_answer_vocab(checkpoint, cfg)  # the vocabulary training used
+        answer_vocab, _ = find_answer_vocab(checkpoint, cfg, trusted)  # the vocabulary training used
     dataset = load_dataset(cfg, task, split, ann, image_dir, answer_vocab)
     indices = select_samples(dataset, task, model.qa_dataset)
     loader = build_loader(Subset(dataset, indices[rank::world]), batch_size or cfg.data.batch_size, shuffle=False,
@@ -278,8 +289,8 @@ def evaluate_checkpoint(checkpoint: str, task: str, split: str = "test", ann: Op
     evaluator = run_evaluator(model, loader, task, make_evaluator(task, model.qa_dataset, iou_type), torch_device,
                               precision)
     result = report(task, evaluator)
-    return {"task": task, "split": None if ann else split, "annotation_file": str(dataset.ann_file), "checkpoint": str(checkpoint),
-            "weights": model.loaded_weights, "samples": len(indices), **result}
+    return {"task": task, "split": None if ann else split, "annotation_file": str(dataset.ann_file),
+            "checkpoint": str(checkpoint), "weights": model.loaded_weights, "samples": len(indices), **result}
 
 
 def default_out(checkpoint: str, task: str, split: str, ann: Optional[str]) -> Path:
@@ -303,6 +314,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--out", help="the JSON file to write (default: next to the checkpoint, "
                         "eval_<task>_<split>.json; with --ann eval_<task>_<ann file stem>.json)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--trusted", action="store_true", help="unpickle any Python object in the checkpoint "
+                        "(only for files you trust; by default tensors and plain data only)")
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -310,7 +323,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         torch.set_num_threads(args.threads)
     try:
         result = evaluate_checkpoint(args.checkpoint, args.task, args.split, args.ann, args.image_dir, args.weights,
-                                     args.batch_size, args.num_workers, args.device, args.precision, args.iou_type)
+                                     args.batch_size, args.num_workers, args.device, args.precision, args.iou_type,
+                                     args.trusted)
         main_rank = dist_utils.is_main()
     except (ValueError, RuntimeError, ImportError, OSError) as err:  # bad arguments, an unreadable checkpoint, no
         # pycocotools, a text encoder that is not on this machine

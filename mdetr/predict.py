@@ -175,12 +175,12 @@ def decode_answers(outputs: Dict[str, Tensor], qa_dataset: str,
     return decoded
 
 
-def find_answer_vocab(checkpoint: Union[str, Path], cfg) -> Tuple[Optional[AnswerVocab], str]:
+def find_answer_vocab(checkpoint: Union[str, Path], cfg, trusted: bool = False) -> Tuple[Optional[AnswerVocab], str]:
     """The answer vocabulary of a QA checkpoint and where it was found, in this order: the checkpoint's
     ``answer_vocab`` entry; the config's ``data.answer_vocab`` file; the training annotation file (the dataset's own
     rule: ``info.answer_vocab``, else its sorted attribute answers; CLEVR heads only, GQA needs the file); the
     shapes generator's vocabulary for a shapes-world run. (None, why) when none is found."""
-    saved = load_checkpoint(checkpoint, mmap=True)  # lazily: no weights read
+    saved = load_checkpoint(checkpoint, trusted, mmap=True)  # lazily: no weights read
     if saved.get("answer_vocab") is not None:
         return saved["answer_vocab"], f"checkpoint {str(checkpoint)!r}"
     vocab_file = Path(cfg.data.answer_vocab) if cfg.data.answer_vocab else None
@@ -285,21 +285,23 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Union[str, Path], device: Optional[str] = None, weights: str = "ema",
-                        answer_vocab: Optional[Union[AnswerVocab, str, Path]] = None) -> "Predictor":
+                        answer_vocab: Optional[Union[AnswerVocab, str, Path]] = None,
+                        trusted: bool = False) -> "Predictor":
         """From a training checkpoint of ``python -m mdetr.train``. ``device`` None: CUDA when available.
         ``weights``: "ema" or "model" (see ``mdetr.checkpoint.load_model``). ``answer_vocab``: the vocabulary
-        itself or a JSON file of it; None looks it up (``find_answer_vocab``)."""
+        itself or a JSON file of it; None looks it up (``find_answer_vocab``). ``trusted``: unpickle any Python
+        object in the file (``mdetr.checkpoint.load_checkpoint``)."""
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
             raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, cfg = load_model(checkpoint, device, weights)
+        model, cfg = load_model(checkpoint, device, weights, trusted=trusted)
         source = "given"
         if isinstance(answer_vocab, (str, Path)):
             source = f"answer_vocab file {str(answer_vocab)!r}"
             answer_vocab = json.loads(Path(answer_vocab).read_text())
         elif answer_vocab is None and model.qa_dataset is not None:
-            answer_vocab, source = find_answer_vocab(checkpoint, cfg)
+            answer_vocab, source = find_answer_vocab(checkpoint, cfg, trusted)
         return cls(model, make_transforms("val", cfg.data.transforms), answer_vocab, source)
 
     @torch.no_grad()
@@ -369,11 +371,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--token-threshold", type=float, default=DEFAULT_TOKEN_THRESHOLD,
                         help="a token belongs to a box's phrase above this probability")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema",
-                        help="the EMA or the live weights (best.pth holds its validated EMA weights under both)")
+                        help="the EMA or the live weights (best.pth holds its validated weights, the EMA ones when "
+                        "the run kept an EMA, under both names)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--answer-vocab", help="QA: JSON answer vocabulary (CLEVR: list of attribute answers; "
                         "GQA: gqa_answer2id_by_type.json), when the checkpoint's cannot be found")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--trusted", action="store_true", help="unpickle any Python object in the checkpoint "
+                        "(only for files you trust; by default tensors and plain data only)")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -384,7 +389,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             raise ValueError(f"--out must name a .png file, got {args.out!r}")
         image = load_image(args.image)
         captions = check_captions(args.caption)
-        predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.weights, args.answer_vocab)
+        predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.weights, args.answer_vocab,
+                                              args.trusted)
     except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: an unreadable checkpoint
         parser.error(str(err))
     try:

@@ -4,8 +4,9 @@
     torchrun --nproc_per_node N -m mdetr.train ...          (DDP: NCCL on GPU, gloo on CPU)
 
 The default preset trains on the embedded "shapes" world, generated on first use under ``data.root``.
-Every epoch: a validation (referring-expression precision@k, QA accuracy for QA presets), an atomic checkpoint,
-``metrics.jsonl``, TensorBoard scalars and ``curves.png`` in ``train.output_dir``.
+Every epoch: a validation (``train.eval_task``: referring-expression precision@k, phrase-grounding Recall@k, or QA
+accuracy for the QA presets), an atomic checkpoint, ``metrics.jsonl``, TensorBoard scalars and ``curves.png`` in
+``train.output_dir``.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from mdetr.config import Config
 from mdetr.data import build_datasets, build_loader
 from mdetr.engine import (ModelEMA, TrainState, make_optimizer, past_deadline, steps_per_epoch, train_one_epoch,
                           trained_batches, unwrap)
-from mdetr.evaluate import make_evaluator, run_evaluators
+from mdetr.evaluate import make_evaluator, refexp_entry_problem, run_evaluators
 from mdetr.losses.criterion import build_criterion
 from mdetr.models import build_from_config
 from mdetr.tracking import RunLog
@@ -89,8 +90,9 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
     train_loader = build_loader(train_set, cfg.data.batch_size, shuffle=True, num_workers=cfg.data.num_workers,
                                 seed=cfg.train.seed, distributed=world > 1, rank=rank,
                                 aspect_groups=cfg.data.aspect_groups)
-    val_loader = build_loader(validation_shard(val_set, rank, world), cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
-                              seed=cfg.train.seed, aspect_groups=cfg.data.aspect_groups)
+    val_loader = build_loader(validation_shard(val_set, rank, world), cfg.data.batch_size, shuffle=False,
+                              num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+                              aspect_groups=cfg.data.aspect_groups)
 
     model = build_from_config(cfg.model, attention_backend=backends["attention"]).to(device)
     criterion = build_criterion(cfg.loss, cfg.model.dec_layers, cfg.model.qa_dataset, backends)
@@ -101,7 +103,7 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
     resume_from = ckpt.find_resume(cfg.train.resume, out_dir)
     best_before: List[float] = []  # a resumed run's best.pth may hold a validation its checkpoint's history lacks
     if resume_from is not None:
-        saved = ckpt.load_checkpoint(resume_from)
+        saved = ckpt.load_checkpoint(resume_from, trusted=cfg.train.trusted_checkpoints)
         if "optimizer" not in saved or "rng" not in saved:
             raise ValueError(f"--resume {resume_from}: not a resumable checkpoint (it holds weights only, like "
                              f"best.pth); resume from checkpoint.pth, or start from these weights with train.load")
@@ -134,7 +136,7 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
                 print("the run continues with settings that differ from the checkpoint's: " + "; ".join(changed))
     else:
         if cfg.train.load:
-            ckpt.load_weights(model, cfg.train.load, verbose=main)
+            ckpt.load_weights(model, cfg.train.load, verbose=main, trusted=cfg.train.trusted_checkpoints)
         seed_everything(cfg.train.seed + rank)  # per-rank streams for dropout and augmentation
     # built after any resume, so it starts from the loaded weights when the checkpoint holds no EMA
     ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema else None
@@ -273,16 +275,14 @@ def validation_shard(val_set, rank: int, world: int):
 
 
 def check_val_entries(cfg: Config, val_set) -> None:
-    """Referring-expression validation needs one box per entry, as the reference asserts: precision@k of a caption
-    with several boxes (a question that counts them, a grounding sentence) would be judged against one of them."""
-    if cfg.train.eval_task != "refexp":
-        return
-    several = [e["id"] for e, n in zip(val_set.entries, val_set.boxes_per_entry()) if n > 1]
-    if several:
+    """Referring-expression validation needs exactly one box per entry, as ``mdetr.evaluate --task refexp`` and the
+    reference: precision@k of a caption with several boxes (a question that counts them, a grounding sentence) or
+    none would be judged against one of them, or against nothing."""
+    problem = refexp_entry_problem(val_set) if cfg.train.eval_task == "refexp" else None
+    if problem:
         hint = "'qa'" if cfg.model.qa_dataset is not None else "'grounding'"
         raise ValueError(f"train.eval_task='refexp' needs one box per validation entry, but data.val_ann="
-                         f"{cfg.data.val_ann!r} has {len(several)} entries with several (e.g. entry id {several[0]}); "
-                         f"validate it with train.eval_task={hint}")
+                         f"{cfg.data.val_ann!r} has {problem}; validate it with train.eval_task={hint}")
 
 
 def check_best_metric(cfg: Config) -> None:

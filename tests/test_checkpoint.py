@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,12 +106,32 @@ class NotPlainData:  # a pickled object that torch.load(weights_only=True) refus
 def test_checkpoints_unpickle_plain_data_only_unless_trusted(tmp_path):
     state = {"model": {"w": torch.zeros(1)}, "rng": ckpt.rng_state(), "extra": NotPlainData()}
     torch.save(state, tmp_path / "odd.pth")
-    with pytest.raises(RuntimeError, match=r"(?s)odd.pth' could not be read: .*load it with trusted=True"):
+    with pytest.raises(RuntimeError, match=r"(?s)odd.pth' could not be read: .*load it trusted \(mdetr.evaluate / mdetr.predict --trusted, "
+                       r"train.trusted_checkpoints=true, trusted=True in Python\)"):
         ckpt.load_checkpoint(tmp_path / "odd.pth")
     assert isinstance(ckpt.load_checkpoint(tmp_path / "odd.pth", trusted=True)["extra"], NotPlainData)
     del state["extra"]  # our own checkpoints: tensors, RNG states (NumPy arrays, tuples) and plain data
     torch.save(state, tmp_path / "ours.pth")
     assert set(ckpt.load_checkpoint(tmp_path / "ours.pth")) == {"model", "rng"}
+
+
+@pytest.mark.parametrize("written_by", ["numpy.core", "numpy._core"])
+def test_checkpoints_of_either_numpy_major_load(tmp_path, written_by):
+    # NumPy 1.x pickles arrays through numpy.core.multiarray._reconstruct, NumPy 2.x through numpy._core...
+    import zipfile
+
+    state = ckpt.rng_state()
+    torch.save({"rng": state, "metric": np.float64(0.5)}, tmp_path / "saved.pth")
+    now = np.zeros(1).__reduce__()[0].__module__.rsplit(".", 1)[0]  # this NumPy's "numpy._core" or "numpy.core"
+    with zipfile.ZipFile(tmp_path / "saved.pth") as src, zipfile.ZipFile(tmp_path / "other.pth", "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("data.pkl"):
+                data = data.replace(f"{now}.multiarray".encode(), f"{written_by}.multiarray".encode())
+                assert f"{written_by}.multiarray".encode() in data
+            dst.writestr(item, data)
+    loaded = ckpt.load_checkpoint(tmp_path / "other.pth")
+    assert loaded["metric"] == 0.5 and np.array_equal(loaded["rng"]["numpy"][1], state["numpy"][1])
 
 
 def test_load_model_reads_no_pretrained_weights(tmp_path, monkeypatch):

@@ -39,8 +39,16 @@ def test_overrides_are_typed():
     ("--data.augment=true", "train.cache_features needs a frozen backbone that encodes each image alone"),
     ("--model.train_backbone=true", "train.cache_features needs a frozen backbone"),
     ("--model.backbone_per_image=false", "model.backbone_per_image=true"),
+    ("--model.spatial_attention=left", "model.spatial_attention must be one of"),
+    ("--model.query_grid=0", None),  # fine alone; with the decoder's spatial attention, below
+    ("--train.eval_task=qa", "train.eval_task='qa' needs a model with QA heads"),
 ])
 def test_bad_overrides_name_the_key(item, message):
+    if message is None:
+        C.resolve("shapes", None, [item])
+        with pytest.raises(ValueError, match=r"model.spatial_attention='both' needs anchor queries"):
+            C.resolve("shapes", None, [item, "--model.num_queries=100", "--model.spatial_attention=both"])
+        return
     with pytest.raises(ValueError, match=message):
         C.resolve("shapes", None, [item])
 

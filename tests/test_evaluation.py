@@ -373,6 +373,7 @@ def test_phrase_targets_of_the_dataset(checkpoints):
     (["--task", "detection"], "argument --task: invalid choice"),
     (["--task", "grounding", "--ann", "{root}/annotations/shapes_refexp_test.json"], "no entry with 'tokens_positive_eval'"),
     (["--task", "refexp", "--ann", "{root}/annotations/shapes_grounding_test.json"], "several boxes"),
+    (["--task", "refexp", "--ann", "{root}/annotations/shapes_qa_test.json"], "entries without a box (e.g."),
     (["--task", "qa"], "the checkpoint's model has no QA heads"),
     (["--task", "refexp", "--ann", "nowhere.json"], "--ann 'nowhere.json': no such annotation file"),
 ])

@@ -27,6 +27,7 @@ ann="$root/annotations"
 pids=()
 for spec in "$@"; do
     name=${spec%%:*}; overrides=${spec#*:}
+    rm -rf "/tmp/sweep_runs/$name" "$out/$name"  # never report an earlier sweep's checkpoint under this name
     mkdir -p "$out/$name"
     # shellcheck disable=SC2086  # the overrides are meant to split
     python -m mdetr.train --fused --train.device="$device" --data.batch_size="$batch" --data.root="$root" \
@@ -34,10 +35,15 @@ for spec in "$@"; do
         $overrides >"$out/$name/train.log" 2>&1 &
     pids+=($!)
 done
-for pid in "${pids[@]}"; do wait "$pid"; done
+i=0
+for spec in "$@"; do  # a variant whose training failed gets no evaluation: its row says so
+    wait "${pids[$i]}" || echo "failed (exit $?)" >"$out/${spec%%:*}/FAILED"
+    i=$((i + 1))
+done
 for spec in "$@"; do
     name=${spec%%:*}
     cp "/tmp/sweep_runs/$name/metrics.jsonl" "$out/$name/" 2>/dev/null
+    [ -e "$out/$name/FAILED" ] && continue
     for kind in attribute relational; do
         python -m mdetr.evaluate --checkpoint "/tmp/sweep_runs/$name/checkpoint.pth" --task refexp --device "$device" \
             --ann "$ann/shapes_refexp_val_$kind.json" --out "$out/$name/eval_$kind.json" \
@@ -64,6 +70,8 @@ for spec in specs:
     for kind in ("attribute", "relational"):
         path = out / name / f"eval_{kind}.json"
         kinds.append(f"{json.loads(path.read_text())['metrics']['precision@1']:.3f}" if path.exists() else "?")
+    if (out / name / "FAILED").exists():
+        p1 = f"training {(out / name / 'FAILED').read_text().strip()}: see {name}/train.log"
     rows.append(f"| {name} | `{overrides or '(preset)'}` | {steps} | {p1} | {kinds[0]} | {kinds[1]} |")
 (out / "sweep.md").write_text("\n".join(rows) + "\n")
 print("\n".join(rows))

@@ -66,6 +66,7 @@ class SpatialBias(nn.Module):
         length, batch, _ = x.shape
         weights = self.direction(x).view(length, batch, self.nheads, 2).permute(1, 2, 0, 3) * self.SCALE
         bias = torch.einsum("bhqc,bqkc->bhqk", weights, steps.to(weights.dtype)).to(x.dtype)
+        # never a whole row of -inf: every caption has unpadded text keys (its [CLS] at least), which get no bias
         bias = bias.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
         return bias.reshape(batch * self.nheads, length, steps.shape[2])
 

@@ -166,10 +166,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", weights: st
 
     ``weights``: "ema" (the averaged weights, what validation reports; the live ones when the run kept no EMA)
     or "model" (the live weights; best.pth holds its validated weights, the EMA ones when the run kept an EMA,
-    under both names). The model's
-    ``loaded_weights`` attribute says which were loaded. Every value comes from the file: no pretrained backbone or
-    text-encoder weights are read (``mdetr.hub.load_training_checkpoint``), so a run trained where those were
-    cached loads where they are not."""
+    under both names). The model's ``loaded_weights`` attribute says which were loaded. Every value comes from the
+    file: no pretrained backbone or text-encoder weights are read (``mdetr.hub.load_training_checkpoint``), so a
+    run trained where those were cached loads where they are not. ``trusted``: see ``load_checkpoint``."""
     from mdetr import hub
 
     return hub.load_training_checkpoint(path, weights=weights, trusted=trusted, attention_backend=attention_backend,

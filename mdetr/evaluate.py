@@ -100,10 +100,11 @@ def refexp_entry_problem(dataset: ModulatedDetection) -> Optional[str]:
     """Why ``dataset`` cannot be scored as referring expressions, or None: each entry needs exactly one box in the
     file, as the reference asserts (one whose box the transforms clip away still counts, as a miss)."""
     boxes = dataset.boxes_per_entry()
-    several = [e["id"] for e, n in zip(dataset.entries, boxes) if n > 1]
-    none = [e["id"] for e, n in zip(dataset.entries, boxes) if n == 0]
-    problems = ([f"{len(several)} entries with several boxes (e.g. entry id {several[0]})"] if several else []) + \
-        ([f"{len(none)} entries without a box (e.g. entry id {none[0]})"] if none else [])
+    problems = []
+    for what, wrong in (("with several boxes", lambda n: n > 1), ("without a box", lambda n: n == 0)):
+        ids = [e["id"] for e, n in zip(dataset.entries, boxes) if wrong(n)]
+        if ids:
+            problems.append(f"{len(ids)} entries {what} (e.g. entry id {ids[0]})")
     return " and ".join(problems) or None
 
 
@@ -111,7 +112,6 @@ def select_samples(dataset: ModulatedDetection, task: str, qa_dataset: Optional[
     """Indices of the entries ``task`` evaluates; ValueError when the file (or the model) cannot serve it."""
     where = f"--task {task}: annotation file {str(dataset.ann_file)!r}"
     entries = dataset.entries
-    num_boxes = dataset.boxes_per_entry()
     if task == "refexp":
         problem = refexp_entry_problem(dataset)
         if problem:
@@ -130,7 +130,7 @@ def select_samples(dataset: ModulatedDetection, task: str, qa_dataset: Optional[
         chosen = [i for i, e in enumerate(entries) if "answer" in e]
         missing = "no entry with an 'answer' (questions)"
     elif task == "coco":
-        chosen = list(range(len(entries))) if any(num_boxes) else []
+        chosen = list(range(len(entries))) if any(dataset.boxes_per_entry()) else []
         missing = "no annotated box"
     else:
         raise ValueError(f"--task must be one of {TASKS}, got {task!r}")
@@ -154,8 +154,9 @@ def _gt_boxes(batch: Dict[str, Any]) -> List[Tensor]:
 
 def _update_refexp(evaluator: RefExpEvaluator, outputs: Dict[str, Tensor], batch: Dict[str, Any]) -> None:
     has_box = batch["num_targets"] > 0  # an entry whose box was clipped away to nothing has none: a miss
-    evaluator.add_misses(int((~has_box).sum()))
-    if not has_box.any():
+    misses = int((~has_box).sum())  # the batch's one host sync here
+    evaluator.add_misses(misses)
+    if misses == len(has_box):
         return
     results = PostProcess()(outputs, _original_sizes(batch, has_box.device))
     pred = torch.stack([r["boxes"] for r in results])[has_box]  # [B', Q, 4]

@@ -260,10 +260,11 @@ def _state_dict(source: _Source, weights: str, ema_key: str) -> Tuple[Mapping[st
 # ---- what a checkpoint holds --------------------------------------------------------------------------------
 
 # Settings a released file fixes (from its tensors, or as the reference has them: no box_refine, no spatial
-# attention, QA read from the first decoder layer); any other ModelConfig field may be chosen freely.
+# attention, QA read from the first decoder layer's slots alone); any other ModelConfig field may be chosen freely.
 _RELEASED_FIXED = {"backbone", "pretrained_backbone", "backbone_stride", "frozen_bn_eps", "d_model", "enc_layers",
                    "dec_layers", "dim_feedforward", "num_queries", "query_grid", "token_head", "box_refine",
-                   "spatial_attention", "qa_layer", "contrastive_align_dim", "qa_dataset"}
+                   "spatial_attention", "qa_layer", "qa_readout", "contrastive_align_dim",
+                   "qa_dataset"}
 # ... and one of ours, from its saved configuration.
 _TRAINED_FIXED = _RELEASED_FIXED | {"nheads", "text_encoder"}
 

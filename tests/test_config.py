@@ -42,6 +42,8 @@ def test_overrides_are_typed():
     ("--model.spatial_attention=left", "model.spatial_attention must be one of"),
     ("--model.query_grid=0", None),  # fine alone; with the decoder's spatial attention, below
     ("--train.eval_task=qa", "train.eval_task='qa' needs a model with QA heads"),
+    ("--model.qa_readout=boxes", "model.qa_readout must be one of"),
+    ("--model.qa_readout=objects", "model.qa_readout='objects' .* needs model.qa_dataset='clevr', got None"),
 ])
 def test_bad_overrides_name_the_key(item, message):
     if message is None:

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import importlib.util
 import inspect
+import itertools
 import math
 
 import pytest
@@ -18,6 +19,7 @@ from mdetr.models import PostProcess, build_mdetr, param_groups, phrase_scores
 from mdetr.models import backbone as backbone_mod
 from mdetr.models.backbone import (Backbone, FrozenBatchNorm2d, FrozenBatchNormAct2d, build_backbone,
                                    freeze_batch_norm, map_reference_backbone_key)
+from mdetr.models.mdetr import ObjectQAReadout, member_count_distribution, sample_feature_map
 from mdetr.models.position import PositionEmbeddingSine
 from mdetr.models.text import tokenize_captions
 from mdetr.pretrained import backbone_state_dict, map_state_dict_in_order
@@ -765,3 +767,134 @@ def test_spatial_attention_settings_are_checked():
     with pytest.raises(ValueError, match="needs anchor queries"):
         build_mdetr(**TINY, spatial_attention="decoder", pretrained_backbone=False)
     build_mdetr(**TINY, spatial_attention="encoder", pretrained_backbone=False)  # the encoder needs no anchors
+
+
+# ---- answers read from the object queries (model.qa_readout="objects") ---------------------------------------
+
+def brute_force_counts(member, classes):
+    """P(count = k) of independent Bernoulli members by enumerating every subset; the last class saturates."""
+    dist = torch.zeros(member.shape[0], classes, dtype=torch.float64)
+    for b in range(member.shape[0]):
+        for bits in itertools.product([0, 1], repeat=member.shape[1]):
+            p = math.prod(float(w) if bit else 1 - float(w) for w, bit in zip(member[b], bits))
+            dist[b, min(sum(bits), classes - 1)] += p
+    return dist
+
+
+@pytest.mark.parametrize("queries,classes", [(1, 2), (6, 4), (7, 9), (5, 20)])
+def test_member_count_distribution_equals_enumeration(queries, classes):
+    member = torch.rand(3, queries, generator=torch.Generator().manual_seed(queries * classes))
+    member[0, 0], member[1, -1] = 0.0, 1.0  # certain non-member and member
+    dist = member_count_distribution(member, classes)
+    assert dist.dtype == torch.float64
+    assert_close(dist, brute_force_counts(member, classes), atol=1e-6, what="count distribution")
+    assert_close(dist.sum(1), torch.ones(3, dtype=torch.float64), what="total probability")
+    with pytest.raises(ValueError, match="classes must be at least 2"):
+        member_count_distribution(member, 1)
+
+
+def test_member_count_distribution_keeps_far_off_counts_and_their_gradients():
+    # 100 queries at 0.3 each: a binomial, whose small counts are far below float32's comfortable range
+    member = torch.full((1, 100), 0.3, dtype=torch.float64, requires_grad=True)
+    dist = member_count_distribution(member, 20)
+    k = torch.arange(19, dtype=torch.float64)
+    log_binomial = (torch.lgamma(torch.tensor(101.0, dtype=torch.float64)) - torch.lgamma(k + 1)
+                    - torch.lgamma(101 - k) + k * math.log(0.3) + (100 - k) * math.log(0.7))
+    assert_close(dist[0, :19].log(), log_binomial, atol=1e-9, rtol=1e-9, what="log P(count = k), k < 19")
+    assert_close(dist[0, 19], 1 - log_binomial.exp().sum(), atol=1e-12, what="P(count >= 19)")
+    dist[0, 0].log().backward()  # d log P(0) / d w_q = -1 / (1 - w_q): P(0) = 3e-16 still has its gradient
+    assert_close(member.grad, torch.full_like(member, -1 / 0.7), atol=1e-9, what="gradient of log P(count = 0)")
+
+
+def member_logits(member, slots=5):
+    """Token logits [B, Q, slots + 1] whose no-object probability is 1 - member."""
+    logits = torch.full((*member.shape, slots + 1), -30.0)
+    logits[..., 0] = torch.log(member.clamp(min=1e-12))
+    logits[..., -1] = torch.log1p(-member.clamp(max=1 - 1e-7))
+    return logits
+
+
+def test_sample_feature_map_reads_cells_of_the_unpadded_region():
+    # image 0: 4 x 3 cells unpadded; image 1: 2 x 2 valid cells, the rest padding (filled with 1e6)
+    feature_map = torch.arange(2 * 2 * 3 * 4, dtype=torch.float32).reshape(2, 2, 3, 4)
+    feature_map[1, :, 2:, :] = feature_map[1, :, :, 2:] = 1e6
+    valid = torch.tensor([[4.0, 3.0], [2.0, 2.0]])
+    points = torch.tensor([[[0.125, 1 / 6], [0.875, 0.5], [0.5, 0.5]], [[0.25, 0.25], [0.75, 0.75], [1.0, 1.0]]])
+    values = sample_feature_map(feature_map, points, valid)  # [B, P, d]
+    assert values.shape == (2, 3, 2)
+    assert_close(values[0, 0], feature_map[0, :, 0, 0], what="centre of the first cell")
+    assert_close(values[0, 1], feature_map[0, :, 1, 3], what="centre of the last column's middle cell")
+    assert_close(values[0, 2], feature_map[0, :, 1, 1:3].mean(-1), what="between two cells: their mean")
+    assert_close(values[1, 0], feature_map[1, :, 0, 0], what="padded image: first cell")
+    assert_close(values[1, 1], feature_map[1, :, 1, 1], what="padded image: last valid cell")
+    assert_close(values[1, 2], feature_map[1, :, 1, 1], what="the far corner is clamped to the last valid centre")
+
+
+def test_object_readout_answers_from_member_scores():
+    torch.manual_seed(0)
+    readout = ObjectQAReadout(d_model=4, attr_classes=3)
+    member = torch.tensor([[0.9, 0.05, 0.8, 0.01], [0.02, 0.01, 0.03, 0.02]])
+    hs = torch.randn(2, 4, 4)
+    image_features, valid = torch.randn(2, 4, 3, 5), torch.tensor([[5.0, 3.0], [2.0, 3.0]])
+    boxes = torch.rand(2, 4, 4)
+    terms = readout(hs, member_logits(member), boxes, image_features, valid, count_classes=5)
+    expected = brute_force_counts(member, 5)
+    assert_close(terms["reg"].exp().double(), expected, atol=1e-5, what="count term = log P(count = k)")
+    none = expected[:, 0]
+    assert_close(terms["binary"].double(), torch.log1p(-none) - torch.log(none), atol=1e-4, what="exists term")
+    assert terms["reg"][0].argmax() == 2 and terms["reg"][1].argmax() == 0
+    assert terms["binary"][0] > 2 and terms["binary"][1] < -2  # two likely members; none
+    local = sample_feature_map(image_features, boxes[..., :2], valid)
+    pooled = (member[..., None] * torch.cat([hs, local], -1)).sum(1) / member.sum(1, keepdim=True)
+    assert_close(terms["attr"], readout.attr(pooled), what="attribute term from the members' mean features")
+    certain = readout(hs, member_logits(torch.tensor([[0.0, 1.0, 0.0, 0.0]] * 2)), boxes, image_features, valid, 5)
+    assert torch.isfinite(certain["binary"]).all() and torch.isfinite(certain["reg"]).all()
+    none = readout(hs, member_logits(torch.zeros(2, 4)), boxes, image_features, valid, 5)
+    assert torch.isfinite(none["binary"]).all() and (none["binary"] < -10).all()
+
+
+def test_object_readout_scales_the_gradient_into_the_detector(monkeypatch):
+    readout = ObjectQAReadout(d_model=4, attr_classes=3)
+    member = torch.tensor([[0.9, 0.05, 0.8, 0.01], [0.3, 0.6, 0.03, 0.2]])
+    inputs = (torch.randn(2, 4, 4), torch.rand(2, 4, 4), torch.randn(2, 4, 3, 5), torch.tensor([[5.0, 3.0]] * 2))
+
+    def member_logit_grad(scale):
+        monkeypatch.setattr(ObjectQAReadout, "DETECTOR_GRAD", scale)
+        logits = member_logits(member).requires_grad_()
+        terms = readout(inputs[0], logits, *inputs[1:], count_classes=5)
+        (terms["reg"][:, 1].sum() + terms["binary"].sum()).backward()
+        return terms, logits.grad
+
+    full_terms, full = member_logit_grad(1.0)
+    scaled_terms, scaled = member_logit_grad(0.1)
+    for key in full_terms:
+        assert_close(scaled_terms[key], full_terms[key], what=f"{key}: the scale changes no value")
+    assert full.abs().sum() > 0
+    assert_close(scaled, 0.1 * full, atol=1e-7, what="gradient into the no-object logits")
+
+
+def test_object_readout_adds_to_the_slot_heads_and_trains_the_detector():
+    torch.manual_seed(0)
+    model = build_mdetr(**TINY, qa_dataset="clevr", clevr_attr_classes=9, qa_layer=-1, qa_readout="objects",
+                        pretrained_backbone=False).eval()
+    images, mask = images_and_mask()
+    with torch.no_grad():
+        out = model(images, mask, CAPTIONS)
+        hs = model.transformer.decode(model.encode(images, mask, CAPTIONS))  # [N, B, Q + 4 QA slots, d]
+        cache = model.encode(images, mask, CAPTIONS)
+        terms = model.qa_object_readout(hs[-1, :, :-4], out["pred_logits"], out["pred_boxes"],
+                                        cache["image_features"], cache["image_valid"], 20)
+    assert_close(out["pred_answer_reg"], model.answer_reg_head(hs[-1, :, -2]) + terms["reg"], atol=1e-4,
+                 what="count logits: slot head + object readout")
+    assert_close(out["pred_answer_binary"], model.answer_binary_head(hs[-1, :, -3]).squeeze(-1) + terms["binary"],
+                 atol=1e-4, what="binary logit: slot head + object readout")
+    assert out["pred_answer_attr"].shape == (2, 9) and out["pred_answer_type"].shape == (2, 3)
+    out = model.train()(images, mask, CAPTIONS)
+    (out["pred_answer_reg"][:, 3].sum() + out["pred_answer_binary"].sum()).backward()
+    assert model.class_embed.weight.grad[-1].abs().sum() > 0  # the answers train the no-object (member) scores
+    for qa_dataset in (None, "gqa"):
+        with pytest.raises(ValueError, match="qa_readout='objects' .* needs qa_dataset='clevr'"):
+            build_mdetr(**TINY, qa_dataset=qa_dataset, qa_readout="objects", pretrained_backbone=False)
+    with pytest.raises(ValueError, match="qa_readout must be 'slots' or 'objects', got 'boxes'"):
+        build_mdetr(**TINY, qa_dataset="clevr", qa_readout="boxes", pretrained_backbone=False)
+

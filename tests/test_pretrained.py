@@ -298,7 +298,8 @@ def test_create_model_checks_a_released_file_against_the_entry(clevr_file):
 
 
 def test_create_model_loads_our_training_checkpoint(tmp_path):
-    small = dict(SMALL, pretrained_backbone=False, num_queries=4, query_grid=2, qa_layer=-1)
+    small = dict(SMALL, pretrained_backbone=False, num_queries=4, query_grid=2, qa_layer=-1,
+                 qa_dataset="clevr", qa_readout="objects")
     model = mdetr.create_model("shapes", **small)
     cfg = config_mod.preset("shapes")
     for key, value in small.items():
@@ -314,6 +315,8 @@ def test_create_model_loads_our_training_checkpoint(tmp_path):
     assert mdetr.create_model("shapes", path, **dict(small, qa_layer=last)).qa_layer % cfg.model.dec_layers == last
     with pytest.raises(ValueError, match=r"qa_layer=0 \(file: -1\)"):
         mdetr.create_model("shapes", path, **dict(small, qa_layer=0))
+    with pytest.raises(ValueError, match=r"qa_readout='slots' \(file: 'objects'\)"):
+        mdetr.create_model("shapes", path, **dict(small, qa_readout="slots"))
 
 
 # ---- torch.hub ----------------------------------------------------------------------------------------------

@@ -136,3 +136,25 @@ def test_outputs_with_wrong_layer_count_are_rejected():
     crit = build_criterion(LossConfig(), LAYERS + 1, None, BACKENDS)
     with pytest.raises(ValueError, match="decoder layers"):
         crit(make_outputs(), make_batch([1, 1, 1]))
+
+
+# ---- QA losses (MDETR's split CLEVR heads) --------------------------------------------------------------------
+
+def test_clevr_qa_losses_by_answer_type():
+    from mdetr.losses.qa import qa_losses
+
+    g = torch.Generator().manual_seed(0)
+    answers = {"answer_type": torch.tensor([0, 0, 1, 2]), "answer_binary": torch.tensor([1.0, 0.0, 0.0, 0.0]),
+               "answer_attr": torch.tensor([-100, -100, 3, -100]), "answer_reg": torch.tensor([-100, -100, -100, 2])}
+    outputs = {"pred_answer_type": torch.randn(4, 3, generator=g), "pred_answer_binary": torch.randn(4, generator=g),
+               "pred_answer_attr": torch.randn(4, 15, generator=g), "pred_answer_reg": torch.randn(4, 20, generator=g)}
+    batch = {"answers": answers}
+    losses = qa_losses(outputs, batch, "clevr")
+    assert set(losses) == {"loss_answer_type", "loss_answer_binary", "loss_answer_attr", "loss_answer_reg"}
+    ce = torch.nn.functional.cross_entropy
+    assert losses["loss_answer_type"] == pytest.approx(ce(outputs["pred_answer_type"], answers["answer_type"]).item())
+    binary = torch.nn.functional.binary_cross_entropy_with_logits(outputs["pred_answer_binary"][:2],
+                                                                  answers["answer_binary"][:2])
+    assert losses["loss_answer_binary"] == pytest.approx(binary.item())  # the binary questions only
+    assert losses["loss_answer_attr"] == pytest.approx(ce(outputs["pred_answer_attr"][2:3], torch.tensor([3])).item())
+    assert losses["loss_answer_reg"] == pytest.approx(ce(outputs["pred_answer_reg"][3:], torch.tensor([2])).item())

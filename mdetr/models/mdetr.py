@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 
 from .backbone import Joiner, build_backbone
-from .transformer import Transformer
+from .transformer import Transformer, unpadded_cells
 
 # QA heads in slot order (the extra queries after the object queries): (name, output size, MLP?)
 QA_HEADS: Dict[str, List[Tuple[str, int, bool]]] = {
@@ -76,11 +76,6 @@ class TokenSimilarityHead(nn.Module):
         return torch.cat([logits, after, self.no_object(hs).to(logits.dtype)], -1)
 
 
-def unpadded_cells(feature_mask: Tensor) -> Tensor:
-    """feature_mask [B, h, w] (True = pad, padding bottom/right) -> [B, 2]: each image's unpadded (width, height)."""
-    return torch.stack([(~feature_mask[:, 0, :]).sum(1), (~feature_mask[:, :, 0]).sum(1)], -1)
-
-
 def sample_feature_map(feature_map: Tensor, points: Tensor, valid: Tensor) -> Tensor:
     """Bilinear samples of a padded feature map at points given relative to each image's unpadded region.
 
@@ -112,8 +107,9 @@ def member_count_distribution(member_prob: Tensor, classes: int) -> Tensor:
     none = F.one_hot(prob.new_zeros(batch, (1 << rounds) - queries, dtype=torch.long), classes).to(prob.dtype)
     dist = torch.cat([one_query, none], 1)  # padded to a power of two with certain non-members
     # counts i and j -> min(i + j, classes - 1), as a [classes * classes, classes] 0/1 matrix
-    total = (torch.arange(classes)[:, None] + torch.arange(classes)[None]).clamp(max=classes - 1)
-    combine = F.one_hot(total.flatten(), classes).to(device=prob.device, dtype=prob.dtype)
+    counts = torch.arange(classes, device=prob.device)
+    total = (counts[:, None] + counts[None]).clamp(max=classes - 1)
+    combine = F.one_hot(total.flatten(), classes).to(prob.dtype)
     for _ in range(rounds):
         pairs = dist[:, 0::2, :, None] * dist[:, 1::2, None, :]  # [B, n / 2, classes, classes]
         dist = pairs.flatten(-2) @ combine

@@ -78,11 +78,16 @@ def relative_steps(query_xy: Tensor, query_on: Tensor, key_xy: Tensor, key_on: T
     return steps * (query_on[:, :, None] & key_on[:, None, :])[..., None].to(steps.dtype)
 
 
+def unpadded_cells(mask: Tensor) -> Tensor:
+    """mask [B, h, w] (True = pad, padding bottom/right) -> [B, 2]: each image's unpadded (width, height)."""
+    return torch.stack([(~mask[:, 0, :]).sum(1), (~mask[:, :, 0]).sum(1)], -1)
+
+
 def image_positions(mask: Tensor) -> Tensor:
     """Each image token's centre (x, y) relative to its image's unpadded size: mask [B, h, w] (True = pad, padding
     bottom/right) -> [B, h * w, 2], row-major."""
     batch, h, w = mask.shape
-    valid = torch.stack([(~mask[:, 0, :]).sum(1), (~mask[:, :, 0]).sum(1)], -1).clamp(min=1)  # [B, 2] (w, h)
+    valid = unpadded_cells(mask).clamp(min=1)  # [B, 2] (w, h)
     rows, cols = torch.meshgrid(torch.arange(h, device=mask.device), torch.arange(w, device=mask.device),
                                 indexing="ij")
     cells = torch.stack([cols.flatten(), rows.flatten()], -1).float() + 0.5  # [hw, 2]

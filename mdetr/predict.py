@@ -305,16 +305,17 @@ class Predictor:
         return cls(model, make_transforms("val", cfg.data.transforms), answer_vocab, source)
 
     @torch.no_grad()
-    def encode_image(self, image: Image.Image, num_captions: int) -> Tuple[Tensor, Tensor, Tensor]:
+    def encode_image(self, image: Image.Image, num_captions: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The eval transform and ONE backbone pass, expanded (a view, no copy) to ``num_captions``:
-        features [K, C, h, w], feature_mask [K, h, w], pos [K, d, h, w]."""
+        features [K, C, h, w], feature_mask [K, h, w], pos [K, d, h, w]; then the image [1, 3, H, W] and its mask
+        [1, H, W] (``box_roi="pixels"`` reads them)."""
         pixels, _ = self.transforms(image, {"boxes": torch.zeros(0, 4)})
         dtype = next(self.model.parameters()).dtype  # a half or bfloat16 model takes its own dtype
         pixels = pixels[None].to(self.device, dtype)  # [1, 3, H, W], one image: no padding
         mask = torch.zeros(1, *pixels.shape[2:], dtype=torch.bool, device=self.device)
         features, feature_mask, pos = self.model.backbone(pixels, mask)
         return (features.expand(num_captions, -1, -1, -1), feature_mask.expand(num_captions, -1, -1),
-                pos.expand(num_captions, -1, -1, -1))
+                pos.expand(num_captions, -1, -1, -1), pixels, mask)
 
     @torch.no_grad()
     def predict(self, image: ImageInput, captions: Union[str, Sequence[str]], threshold: float = DEFAULT_THRESHOLD,
@@ -324,7 +325,8 @@ class Predictor:
         _check_probability("threshold", threshold)
         _check_probability("token_threshold", token_threshold)
         image = load_image(image)
-        outputs = self.model.decode(self.model.encode_features(*self.encode_image(image, len(captions)), captions))
+        features, feature_mask, pos, pixels, mask = self.encode_image(image, len(captions))
+        outputs = self.model.decode(self.model.encode_features(features, feature_mask, pos, captions, pixels, mask))
         sizes = torch.tensor([[image.height, image.width]], device=self.device).expand(len(captions), 2)
         detections = self.postprocess(outputs, sizes)
         token_probs = outputs["pred_logits"].float().softmax(-1)  # [K, Q, 256]

@@ -19,7 +19,8 @@ from mdetr.models import PostProcess, build_mdetr, param_groups, phrase_scores
 from mdetr.models import backbone as backbone_mod
 from mdetr.models.backbone import (Backbone, FrozenBatchNorm2d, FrozenBatchNormAct2d, build_backbone,
                                    freeze_batch_norm, map_reference_backbone_key)
-from mdetr.models.mdetr import ObjectQAReadout, member_count_distribution, sample_feature_map
+from mdetr.models.mdetr import (BoxRoIRefiner, ObjectQAReadout, box_grid_points, member_count_distribution,
+                                sample_feature_map)
 from mdetr.models.position import PositionEmbeddingSine
 from mdetr.models.text import tokenize_captions
 from mdetr.pretrained import backbone_state_dict, map_state_dict_in_order
@@ -653,6 +654,74 @@ def test_box_refinement_offsets_each_layer_from_the_previous_box(query_grid):
 
 
 
+# ---- the second look at each box (model.box_roi) -------------------------------------------------------------
+
+def test_box_grid_points_cover_the_enlarged_box():
+    boxes = torch.tensor([[[0.5, 0.4, 0.2, 0.4]]])  # cx, cy, w, h
+    points = box_grid_points(boxes, size=2, scale=1.5).reshape(2, 2, 2)  # [row, col, (x, y)]
+    assert_close(points[0, 0], torch.tensor([0.5 - 0.075, 0.4 - 0.15]), what="top left cell centre")
+    assert_close(points[1, 1], torch.tensor([0.5 + 0.075, 0.4 + 0.15]), what="bottom right cell centre")
+    assert_close(points[0, 1], torch.tensor([0.5 + 0.075, 0.4 - 0.15]), what="row-major: x varies fastest")
+
+
+@pytest.mark.parametrize("pixels", [False, True])
+def test_box_roi_refiner_starts_as_the_identity_and_reads_only_the_unpadded_image(pixels):
+    torch.manual_seed(0)
+    refiner = BoxRoIRefiner(d_model=8, pixels=pixels, feature_grid=3, pixel_grid=4, reduced=4)
+    hs, boxes = torch.randn(2, 5, 8), torch.rand(2, 5, 4) * 0.6 + 0.2
+    features, valid = torch.randn(2, 8, 6, 7), torch.tensor([[7.0, 6.0], [4.0, 3.0]])
+    images, image_valid = torch.randn(2, 3, 24, 28), torch.tensor([[28.0, 24.0], [16.0, 12.0]])
+    assert_close(refiner(hs, boxes, features, valid, images, image_valid), boxes, atol=1e-6,
+                 what="the last Linear starts at zero: the boxes pass unchanged")
+    nn.init.normal_(refiner.mlp.layers[-1].weight)
+    refined = refiner(hs, boxes, features, valid, images, image_valid)
+    assert not torch.allclose(refined, boxes)
+    # the second image's padding (feature cells right of 4 / below 3, pixels right of 16 / below 12) is never read
+    padded_features, padded_images = features.clone(), images.clone()
+    padded_features[1, :, 3:] = 1e3
+    padded_features[1, :, :, 4:] = 1e3
+    padded_images[1, :, 12:] = 1e3
+    padded_images[1, :, :, 16:] = 1e3
+    assert_close(refiner(hs, boxes, padded_features, valid, padded_images, image_valid), refined,
+                 what="padding changes nothing")
+    if pixels:  # the pixels inside the second image's boxes are read
+        changed = images.clone()
+        changed[1, :, :12, :16] += 1.0
+        assert not torch.allclose(refiner(hs, boxes, features, valid, changed, image_valid)[1], refined[1])
+
+
+def test_box_roi_in_the_model_refines_the_last_layer_and_needs_the_pixels():
+    torch.manual_seed(0)
+    model = build_mdetr(**dict(TINY, num_queries=9), query_grid=3, backbone_stride=16, box_roi="pixels",
+                        backbone_per_image=True, pretrained_backbone=False).eval()
+    nn.init.normal_(model.box_roi_refiner.mlp.layers[-1].weight, std=0.1)
+    images, mask = images_and_mask()
+    with torch.no_grad():
+        out = model(images, mask, CAPTIONS)
+        cache = model.encode(images, mask, CAPTIONS)
+        hs = model.transformer.decode(cache)
+        raw = (model.bbox_embed(hs[-1]) + torch.logit(cache["reference_boxes"], eps=1e-5)).sigmoid()
+        expected = model.box_roi_refiner(hs[-1], raw, cache["image_features"], cache["image_valid"],
+                                         cache["images"], cache["images_valid"])
+        # the second (padded) image alone, cropped to its unpadded pixels: the same boxes
+        rows, cols = int((~mask[1, :, 0]).sum()), int((~mask[1, 0]).sum())
+        alone = model(images[1:, :, :rows, :cols], mask[1:, :rows, :cols], CAPTIONS[1:])
+    assert_close(out["pred_boxes"], expected, what="pred_boxes: the refiner's output on the last layer's boxes")
+    assert_close(out["aux_outputs"][0]["pred_boxes"],
+                 (model.bbox_embed(hs[0]) + torch.logit(cache["reference_boxes"], eps=1e-5)).sigmoid(),
+                 what="earlier layers are not refined")
+    assert_close(alone["pred_boxes"][0], out["pred_boxes"][1], atol=1e-4, what="padding-invariant")
+    features = model.backbone(images, mask)
+    with pytest.raises(ValueError, match="box_roi='pixels' reads the images' pixels: pass images= and mask="):
+        model.encode_features(*features, CAPTIONS)
+    model.train()
+    model(images, mask, CAPTIONS)["pred_boxes"].sum().backward()
+    assert model.box_roi_refiner.local.weight.grad.abs().sum() > 0
+    assert model.bbox_embed.layers[-1].weight.grad.abs().sum() > 0  # the decoder's boxes train through it
+    with pytest.raises(ValueError, match="box_roi must be 'none', 'features' or 'pixels', got 'roi'"):
+        build_mdetr(**TINY, box_roi="roi", pretrained_backbone=False)
+
+
 # ---- content-conditioned half-plane attention (model.spatial_attention) -------------------------------------
 
 from mdetr.models.transformer import SpatialBias, image_positions, relative_steps  # noqa: E402
@@ -807,11 +876,26 @@ def test_member_count_distribution_keeps_far_off_counts_and_their_gradients():
 
 
 def member_logits(member, slots=5):
-    """Token logits [B, Q, slots + 1] whose no-object probability is 1 - member."""
+    """Token logits [B, Q, slots + 1] whose member probability, after the readout's calibration (a member's odds
+    are the detector's times 0.1), is ``member``: the detector's odds are ten times member's."""
     logits = torch.full((*member.shape, slots + 1), -30.0)
-    logits[..., 0] = torch.log(member.clamp(min=1e-12))
+    logits[..., 0] = torch.log(member.clamp(min=1e-12)) - math.log(ObjectQAReadout.NO_OBJECT_WEIGHT)
     logits[..., -1] = torch.log1p(-member.clamp(max=1 - 1e-7))
     return logits
+
+
+def test_object_readout_undoes_the_no_object_weight_of_the_detection_loss():
+    readout = ObjectQAReadout(d_model=4, attr_classes=3)
+    no_object = torch.tensor([0.05, 0.3, 0.5, 0.9, 0.99])
+    logits = torch.full((5, 1, 4), -1e4)  # one query per sample: its no-object probability, the rest on token 1
+    logits[..., 1], logits[..., -1] = torch.log1p(-no_object)[:, None], torch.log(no_object)[:, None]
+    terms = readout(torch.randn(5, 1, 4), logits, torch.rand(5, 1, 4), torch.randn(5, 4, 2, 2),
+                    torch.tensor([[2.0, 2.0]] * 5), count_classes=4)
+    w = 1 - no_object  # the detector's member score; the loss's optimum for member probability p: p / (p + 0.1 (1 - p))
+    p = 0.1 * w / (0.1 * w + 1 - w)
+    assert_close(terms["binary"], torch.log(p) - torch.log1p(-p), atol=1e-4, what="exists logit = logit(p)")
+    assert_close(terms["reg"][:, :2].exp(), torch.stack([1 - p, p], -1), atol=1e-5, what="P(count = 0), P(1)")
+    assert_close(p / (p + 0.1 * (1 - p)), w, what="the weighting the readout undoes")
 
 
 def test_sample_feature_map_reads_cells_of_the_unpadded_region():

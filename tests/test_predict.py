@@ -42,6 +42,8 @@ def save_checkpoint(path, cfg: C.Config, **extra) -> str:
         last = model.bbox_embed.layers[-1]
         last.weight.zero_()
         last.bias.copy_(torch.logit(torch.tensor(BOX_CXCYWH)))
+        if model.box_roi_refiner is not None:  # a refiner that moves the boxes, by what it reads of each one
+            torch.nn.init.normal_(model.box_roi_refiner.mlp.layers[-1].weight, std=0.1)
         if cfg.model.qa_dataset == "clevr":
             model.answer_type_head.bias.copy_(torch.tensor([0.0, 8.0, 0.0]))  # type: attribute
             model.answer_attr_head.bias.zero_()
@@ -63,6 +65,8 @@ def files(tmp_path_factory):
         "image": str(image),
         "detector": save_checkpoint(root / "detector.pth", tiny_config(no_data)),
         "anchor_detector": save_checkpoint(root / "anchors.pth", tiny_config(no_data, **{"model.query_grid": 2})),
+        "roi_detector": save_checkpoint(root / "roi.pth", tiny_config(no_data, **{"model.query_grid": 2,
+                                                                                   "model.box_roi": "pixels"})),
         "clevr_shapes": save_checkpoint(root / "clevr.pth", tiny_config(no_data, **{"model.qa_dataset": "clevr"})),
         "clevr_stored": save_checkpoint(root / "clevr_vocab.pth", tiny_config(no_data, **{"model.qa_dataset": "clevr"}),
                                         answer_vocab=[f"word{i}" for i in range(15)]),
@@ -97,9 +101,9 @@ def test_result_dicts_are_hf_style_with_absolute_boxes_and_caption_phrases(predi
         assert panel.width == 384 * IMAGE_W // IMAGE_H and panel.height > 384  # upscaled, caption strip below
 
 
-@pytest.mark.parametrize("checkpoint", ["detector", "anchor_detector"])
+@pytest.mark.parametrize("checkpoint", ["detector", "anchor_detector", "roi_detector"])
 def test_several_captions_run_the_backbone_once_and_match_one_at_a_time(predictor, files, checkpoint):
-    if checkpoint != "detector":  # anchor queries sample the (expanded) backbone outputs
+    if checkpoint != "detector":  # anchor queries sample the (expanded) backbone outputs, box_roi its pixels too
         predictor = Predictor.from_checkpoint(files[checkpoint], device="cpu")
     calls = []
     handle = predictor.model.backbone.register_forward_hook(lambda *_: calls.append(1))
@@ -110,6 +114,7 @@ def test_several_captions_run_the_backbone_once_and_match_one_at_a_time(predicto
         for caption, result in zip(captions, together):
             alone = predictor.predict(files["image"], caption, threshold=0.0)[0]
             torch.testing.assert_close(result["scores"], alone["scores"], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(result["boxes"], alone["boxes"], atol=1e-4, rtol=1e-5)
             assert result["labels"] == alone["labels"]
         assert len(calls) == 1 + len(captions)
     finally:

@@ -279,6 +279,9 @@ def test_registry_names():
             "mdetr_resnet101_refcoco", "mdetr_resnet101_refcocoplus", "mdetr_resnet101_refcocog",
             "mdetr_resnet101_flickr_merged", "mdetr_resnet101_gqa", "mdetr_efficientnet_b5_gqa", "mdetr_clevr"} <= names
     assert hub.model_config("shapes") == config_mod.preset("shapes").model
+    assert {"refexp", "grounding"} <= names
+    for fine_tuned in ("refexp", "grounding"):  # these shapes fine-tunes add the second look at each box
+        assert hub.model_config(fine_tuned).box_roi == "pixels"
     gqa = hub.model_config("mdetr_resnet101_gqa")
     assert (gqa.backbone, gqa.text_encoder, gqa.qa_dataset, gqa.contrastive_align_dim) == \
         ("resnet101.tv_in1k", "roberta-base", "gqa", 0)

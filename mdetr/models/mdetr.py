@@ -14,6 +14,7 @@ Outputs (B images, Q object queries, L text tokens, N decoder layers):
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -116,18 +117,67 @@ def member_count_distribution(member_prob: Tensor, classes: int) -> Tensor:
     return dist[:, 0]
 
 
+def box_grid_points(boxes: Tensor, size: int, scale: float) -> Tensor:
+    """A size x size grid of cell centres over each box enlarged ``scale`` times: boxes [B, Q, 4] (cx, cy, w, h,
+    relative) -> points [B, Q * size * size, 2] (x, y), row-major within each box."""
+    steps = (torch.arange(size, device=boxes.device, dtype=boxes.dtype) + 0.5) / size - 0.5  # [-0.5, 0.5)
+    gy, gx = torch.meshgrid(steps, steps, indexing="ij")
+    offsets = torch.stack([gx.flatten(), gy.flatten()], -1)  # [S, 2]
+    points = boxes[..., None, :2] + offsets * boxes[..., None, 2:] * scale  # [B, Q, S, 2]
+    return points.flatten(1, 2)
+
+
+class BoxRoIRefiner(nn.Module):
+    """A second look at each query's box (``box_roi``; not in MDETR; the RoIAlign stage of two-stage detectors):
+    features sampled on a grid over the box, enlarged so that its edges are inside, and (``pixels``) the image's
+    own pixels on a finer grid, give an offset to the box in logit space. The last Linear starts at zero: a
+    fine-tune from a checkpoint without it starts from that checkpoint's boxes."""
+
+    SCALE = 1.5
+
+    def __init__(self, d_model: int, pixels: bool, feature_grid: int = 5, pixel_grid: int = 12, reduced: int = 32):
+        super().__init__()
+        self.feature_grid, self.pixel_grid = feature_grid, (pixel_grid if pixels else 0)
+        self.reduce = nn.Linear(d_model, reduced)
+        inputs = feature_grid ** 2 * reduced + 3 * self.pixel_grid ** 2
+        self.local = nn.Linear(inputs, d_model)
+        self.mlp = MLP(2 * d_model, d_model, 4, 2)
+        nn.init.zeros_(self.mlp.layers[-1].weight)
+        nn.init.zeros_(self.mlp.layers[-1].bias)
+
+    def forward(self, hs: Tensor, boxes: Tensor, features: Tensor, valid: Tensor, images: Optional[Tensor],
+                image_valid: Optional[Tensor]) -> Tensor:
+        """hs [B, Q, d], boxes [B, Q, 4] (cxcywh, relative), projected features [B, d, h, w] with their unpadded
+        size in cells [B, 2], images [B, 3, H, W] with theirs in pixels -> refined boxes [B, Q, 4]."""
+        batch, queries = boxes.shape[:2]
+        where = boxes.detach()
+        reduced = self.reduce(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # [B, r, h, w]
+        local = [sample_feature_map(reduced, box_grid_points(where, self.feature_grid, self.SCALE), valid)
+                 .reshape(batch, queries, -1)]
+        if self.pixel_grid:
+            points = box_grid_points(where, self.pixel_grid, self.SCALE)
+            local.append(sample_feature_map(images, points, image_valid).to(hs.dtype).reshape(batch, queries, -1))
+        local = F.relu(self.local(torch.cat(local, -1)))
+        offsets = self.mlp(torch.cat([hs, local], -1))
+        return (torch.logit(boxes, eps=1e-5) + offsets).sigmoid()
+
+
 class ObjectQAReadout(nn.Module):
     """CLEVR answers read from the object queries' detections (``qa_readout="objects"``; not in MDETR).
 
     A question's annotated boxes are taken as its members: all objects an existence or count question describes, or
     the one object an attribute question asks about (true of the shapes world; MDETR's CLEVR files may also box the
     objects that a question's relations refer to, so there this option is untested). The detection losses teach
-    each object query to score how likely it is one of them, ``w_q = 1 - p_q(no object)``. This readout turns those
-    scores into answer logits that are added to the QA slot heads' own:
+    each object query to score how likely it is one of them, ``w_q = 1 - p_q(no object)``, but they weigh the
+    no-object target of unmatched queries by 0.1 (``eos_coef``), so at their optimum a query that is a member with
+    probability p scores w = p / (p + 0.1 (1 - p)): 0.71 for p = 0.2. The readout undoes that weighting, p =
+    sigmoid(logit(w) + ``member_offset``), a learned scalar starting at log(0.1) (without it the summed member
+    scores exceeded the true count by 2-3 on the shapes world's val questions). It turns those member probabilities
+    into answer logits that are added to the QA slot heads' own:
     - existence and count: the exact distribution of the number of members, taking the queries as independent
       (``member_count_distribution``): the binary logit gets log P(count > 0) - log P(count = 0), the count
       logits get log P(count = k). No parameters.
-    - attribute: a Linear over the members' weighted mean (weights ``w_q``) of each query's decoder output joined
+    - attribute: a Linear over the members' weighted mean (weights p) of each query's decoder output joined
       with the projected backbone features at its box centre. The cross encoder keeps little of an object's
       colour: linear probes on the shapes world read colour from the backbone features at the box centre (0.94 of
       held-out questions) far better than from the decoder output (0.36).
@@ -142,9 +192,11 @@ class ObjectQAReadout(nn.Module):
     EPS = 1e-6  # member probabilities are clamped to [EPS, 1 - EPS]
     TINY = 1e-300  # floor of a float64 probability before its log
     DETECTOR_GRAD = 0.1
+    NO_OBJECT_WEIGHT = 0.1  # the detection loss's weight of unmatched queries (MDETR's eos_coef)
 
     def __init__(self, d_model: int, attr_classes: int):
         super().__init__()
+        self.member_offset = nn.Parameter(torch.tensor(math.log(self.NO_OBJECT_WEIGHT)))
         self.attr = nn.Linear(2 * d_model, attr_classes)
         nn.init.zeros_(self.attr.weight)
         nn.init.zeros_(self.attr.bias)
@@ -156,7 +208,9 @@ class ObjectQAReadout(nn.Module):
         cells [B, 2] -> answer logit terms ``binary`` [B], ``reg`` [B, count_classes] (float32), ``attr``
         [B, classes] (the Linear's dtype)."""
         with torch.autocast(hs.device.type, enabled=False):
-            member = 1 - logits.float().softmax(-1)[..., -1]  # [B, Q]
+            log_prob = logits.float().log_softmax(-1)
+            member_logit = torch.logsumexp(log_prob[..., :-1], -1) - log_prob[..., -1]  # [B, Q]
+            member = (member_logit + self.member_offset).sigmoid()
             member = member.clamp(self.EPS, 1.0 - self.EPS)
             member = member * self.DETECTOR_GRAD + member.detach() * (1 - self.DETECTOR_GRAD)  # same value
             log_none = torch.log1p(-member.double()).sum(1)  # log P(count = 0), exactly
@@ -197,12 +251,15 @@ class MDETR(nn.Module):
         box_refine: each decoder layer's box is an offset (in logit space) from the previous layer's box, detached
             (Deformable DETR's iterative refinement; not in MDETR; no parameters of its own). The first layer's
             reference is the query's anchor cell, or none for learned queries.
+        box_roi: "none" (the reference); "features" or "pixels" (not in MDETR): the last layer's boxes get a second
+            look (``BoxRoIRefiner``) from the projected backbone features and, with "pixels", the image's pixels
+            sampled over each box; ``pred_boxes`` are the refined boxes, the auxiliary layers' are not refined.
     """
 
     def __init__(self, backbone: Joiner, transformer: Transformer, num_queries: int = 100, num_classes: int = 255,
                  contrastive_align_dim: int = 64, qa_dataset: Optional[str] = None, clevr_attr_classes: int = 15,
                  predict_final: bool = False, query_grid: int = 0, token_head: str = "linear",
-                 box_refine: bool = False, qa_layer: int = 0, qa_readout: str = "slots"):
+                 box_refine: bool = False, qa_layer: int = 0, qa_readout: str = "slots", box_roi: str = "none"):
         super().__init__()
         layers = len(transformer.decoder.layers)
         if not -layers <= qa_layer < layers:
@@ -216,6 +273,8 @@ class MDETR(nn.Module):
             raise ValueError(f"qa_dataset must be None or one of {sorted(QA_HEADS)}, got {qa_dataset!r}")
         if qa_readout not in ("slots", "objects"):
             raise ValueError(f"qa_readout must be 'slots' or 'objects', got {qa_readout!r}")
+        if box_roi not in ("none", "features", "pixels"):
+            raise ValueError(f"box_roi must be 'none', 'features' or 'pixels', got {box_roi!r}")
         if qa_readout == "objects" and qa_dataset != "clevr":
             raise ValueError(f"qa_readout='objects' reads CLEVR's existence, count and attribute answers; it needs "
                              f"qa_dataset='clevr', got qa_dataset={qa_dataset!r}")
@@ -250,27 +309,36 @@ class MDETR(nn.Module):
         self.qa_readout = qa_readout
         self.qa_object_readout = (ObjectQAReadout(d_model, clevr_attr_classes) if qa_readout == "objects"
                                   else None)
+        self.box_roi = box_roi
+        self.box_roi_refiner = None if box_roi == "none" else BoxRoIRefiner(d_model, pixels=box_roi == "pixels")
 
     def encode(self, images: Tensor, mask: Tensor, captions: Sequence[str]) -> Dict[str, Any]:
         """images [B, 3, H, W], mask [B, H, W] (True = pad), captions: B strings -> memory cache (see
         ``Transformer``)."""
-        return self.encode_features(*self.backbone(images, mask), captions)
+        return self.encode_features(*self.backbone(images, mask), captions, images=images, mask=mask)
 
-    def encode_features(self, features: Tensor, feature_mask: Tensor, pos: Tensor,
-                        captions: Sequence[str]) -> Dict[str, Any]:
+    def encode_features(self, features: Tensor, feature_mask: Tensor, pos: Tensor, captions: Sequence[str],
+                        images: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Dict[str, Any]:
         """``encode`` after the backbone, from its outputs ``self.backbone(images, mask)``: features [B, C, h, w],
-        feature_mask [B, h, w] (True = pad), pos [B, d, h, w], and B captions -> memory cache.
+        feature_mask [B, h, w] (True = pad), pos [B, d, h, w], and B captions -> memory cache. ``images`` and
+        ``mask`` (B or 1 of them) are needed only by ``box_roi="pixels"``, which reads the boxes' pixels.
 
         The cross encoder needs image and text jointly, the backbone only the image: several captions of one
         image share one backbone pass by expanding its B = 1 outputs to the number of captions."""
+        if self.box_roi == "pixels" and (images is None or mask is None):
+            raise ValueError("box_roi='pixels' reads the images' pixels: pass images= and mask= to encode_features")
         learned = [] if self.query_embed is None else [self.query_embed.weight]
         if self.qa_heads:
             learned.append(self.qa_embed.weight)
         query_embed = torch.cat(learned, 0) if learned else pos.new_zeros(0, pos.shape[1])
         projected = self.input_proj(features)
         cache = self.transformer.encode(projected, feature_mask, pos, query_embed, captions)
-        if self.qa_object_readout is not None:
+        if self.qa_object_readout is not None or self.box_roi_refiner is not None:
             cache.update(image_features=projected, image_valid=unpadded_cells(feature_mask).to(pos.dtype))
+        if self.box_roi == "pixels":
+            batch = features.shape[0]
+            cache.update(images=images.expand(batch, -1, -1, -1),
+                         images_valid=unpadded_cells(mask).to(pos.dtype).expand(batch, -1))
         if self.query_grid:
             self._add_anchor_queries(cache, feature_mask, pos)
         return cache
@@ -325,6 +393,11 @@ class MDETR(nn.Module):
             outputs_coord = torch.stack(layers)
         else:
             outputs_coord = (box_offsets if reference is None else box_offsets + reference).sigmoid()
+        if self.box_roi_refiner is not None:
+            refined = self.box_roi_refiner(hs[-1], outputs_coord[-1], memory_cache["image_features"],
+                                           memory_cache["image_valid"], memory_cache.get("images"),
+                                           memory_cache.get("images_valid"))
+            outputs_coord = torch.cat([outputs_coord[:-1], refined[None]])
         if self.qa_object_readout is not None:
             terms = self.qa_object_readout(hs[-1], outputs_class[-1], outputs_coord[-1],
                                            memory_cache["image_features"], memory_cache["image_valid"],
@@ -361,7 +434,7 @@ def build_mdetr(backbone: str = "tf_efficientnet_lite0", pretrained_backbone: bo
                 dec_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1, num_queries: int = 100,
                 contrastive_align_dim: int = 64, qa_dataset: Optional[str] = None, clevr_attr_classes: int = 15,
                 predict_final: bool = False, query_grid: int = 0, token_head: str = "linear", box_refine: bool = False,
-                qa_layer: int = 0, qa_readout: str = "slots", spatial_attention: str = "none",
+                qa_layer: int = 0, qa_readout: str = "slots", spatial_attention: str = "none", box_roi: str = "none",
                 attention_backend: str = "reference",
                 load_backbone_weights: bool = True, text_encoder_config: Optional[PretrainedConfig] = None) -> MDETR:
     """MDETR with explicit settings (defaults: the paper's sizes on the embedded lite0 + MiniLM encoders).
@@ -385,7 +458,7 @@ def build_mdetr(backbone: str = "tf_efficientnet_lite0", pretrained_backbone: bo
     return MDETR(joiner, transformer, num_queries, contrastive_align_dim=contrastive_align_dim,
                  qa_dataset=qa_dataset, clevr_attr_classes=clevr_attr_classes, predict_final=predict_final,
                  query_grid=query_grid, token_head=token_head, box_refine=box_refine, qa_layer=qa_layer,
-                 qa_readout=qa_readout)
+                 qa_readout=qa_readout, box_roi=box_roi)
 
 
 def param_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:

@@ -928,13 +928,39 @@ def test_object_readout_answers_from_member_scores():
     assert_close(terms["binary"].double(), torch.log1p(-none) - torch.log(none), atol=1e-4, what="exists term")
     assert terms["reg"][0].argmax() == 2 and terms["reg"][1].argmax() == 0
     assert terms["binary"][0] > 2 and terms["binary"][1] < -2  # two likely members; none
-    local = sample_feature_map(image_features, boxes[..., :2], valid)
-    pooled = (member[..., None] * torch.cat([hs, local], -1)).sum(1) / member.sum(1, keepdim=True)
-    assert_close(terms["attr"], readout.attr(pooled), what="attribute term from the members' mean features")
+    assert_close(terms["attr"], torch.full((2, 3), -math.log(3)), what="the attribute Linear starts at zero")
+    nn.init.normal_(readout.attr.weight), nn.init.normal_(readout.attr.bias)
+    per_query = readout.attr(torch.cat([hs, sample_feature_map(image_features, boxes[..., :2], valid)], -1))
+    expected = ((member / member.sum(1, keepdim=True))[..., None] * per_query.softmax(-1)).sum(1)  # [B, A]
+    attr = readout(hs, member_logits(member), boxes, image_features, valid, count_classes=5)["attr"]
+    assert_close(attr.exp(), expected, what="attribute term: sum over queries of P(referent) P(answer | query)")
+    assert_close(attr.exp().sum(-1), torch.ones(2), what="a distribution")
     certain = readout(hs, member_logits(torch.tensor([[0.0, 1.0, 0.0, 0.0]] * 2)), boxes, image_features, valid, 5)
     assert torch.isfinite(certain["binary"]).all() and torch.isfinite(certain["reg"]).all()
     none = readout(hs, member_logits(torch.zeros(2, 4)), boxes, image_features, valid, 5)
     assert torch.isfinite(none["binary"]).all() and (none["binary"] < -10).all()
+
+
+def test_object_readout_referent_sharpness():
+    torch.manual_seed(0)
+    readout = ObjectQAReadout(d_model=4, attr_classes=3)
+    nn.init.normal_(readout.attr.weight)
+    member = torch.tensor([[0.9, 0.3, 0.6, 0.01]])
+    inputs = (torch.randn(1, 4, 4), member_logits(member), torch.rand(1, 4, 4), torch.randn(1, 4, 3, 5),
+              torch.tensor([[5.0, 3.0]]))
+    answers = readout.attr(torch.cat([inputs[0], sample_feature_map(inputs[3], inputs[2][..., :2], inputs[4])],
+                                     -1)).softmax(-1)  # [1, Q, A]
+    for raw in (0.0, 0.1, -0.05, 0.5):
+        readout.sharpness.data.fill_(raw)
+        referent = member ** math.exp(ObjectQAReadout.SHARPNESS_RATE * raw)
+        expected = ((referent / referent.sum())[..., None] * answers).sum(1)
+        assert_close(readout(*inputs, count_classes=5)["attr"].exp(), expected, atol=1e-5,
+                     what=f"P(referent) ~ p ** {math.exp(10 * raw):.2f}")
+    assert_close(readout(*inputs, count_classes=5)["attr"].exp(), answers[:, 0], atol=1e-3,
+                 what="sharp: the top member's answer")
+    readout.sharpness.data.fill_(0.0)
+    readout(*inputs, count_classes=5)["attr"][0, 1].backward()
+    assert readout.sharpness.grad.abs() > 0
 
 
 def test_object_readout_scales_the_gradient_into_the_detector(monkeypatch):

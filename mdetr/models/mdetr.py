@@ -177,26 +177,32 @@ class ObjectQAReadout(nn.Module):
     - existence and count: the exact distribution of the number of members, taking the queries as independent
       (``member_count_distribution``): the binary logit gets log P(count > 0) - log P(count = 0), the count
       logits get log P(count = k). No parameters.
-    - attribute: a Linear over the members' weighted mean (weights p) of each query's decoder output joined
-      with the projected backbone features at its box centre. The cross encoder keeps little of an object's
-      colour: linear probes on the shapes world read colour from the backbone features at the box centre (0.94 of
-      held-out questions) far better than from the decoder output (0.36).
+    - attribute: the answer distribution of the question's one referent, sum_q P(q is it) P(answer | q), as log
+      probabilities. P(answer | q) is a softmax over a Linear of the query's decoder output joined with the
+      projected backbone features at its box centre. The cross encoder keeps little of an object's colour: linear
+      probes on the shapes world read colour from the backbone features at the box centre (0.94 of held-out
+      questions) far better than from the decoder output (0.36). P(q is it) is p ** s, normalized over the
+      queries: s = exp(10 ``sharpness``) starts at 1 and is learned (the 10 lets Adam move it within a
+      fine-tune), so the choice can narrow to the likeliest member when several score high. (One Linear over
+      the members' mean features, the first version, mixed two objects' features where the member scores split.)
     The QA losses so reach the detection head: they sharpen its member scores where the detection losses (with
     their 0.1 weight on "no object") leave them loose. They reach it at ``DETECTOR_GRAD`` times their size: from
     a pre-trained detector, whose loose scores put a question's count far off at first, the count loss's gradient
     had 2-4x the norm of all detection losses together (138-318 against 71-135 on the shapes world), and under
     MDETR's global gradient clipping it slowed every other head (the fresh answer-type head took 3x the steps).
-    The attribute Linear starts at zero, so the answers start as the count distribution and the slot heads. All of
-    it runs in float32 or wider, also under autocast."""
+    The attribute Linear starts at zero (a uniform P(answer | q), a constant term), so the answers start as the
+    count distribution and the slot heads. All of it runs in float32 or wider, also under autocast."""
 
     EPS = 1e-6  # member probabilities are clamped to [EPS, 1 - EPS]
     TINY = 1e-300  # floor of a float64 probability before its log
     DETECTOR_GRAD = 0.1
     NO_OBJECT_WEIGHT = 0.1  # the detection loss's weight of unmatched queries (MDETR's eos_coef)
+    SHARPNESS_RATE = 10.0  # Adam moves a scalar by ~lr per step; this lets the referent exponent move 10x faster
 
     def __init__(self, d_model: int, attr_classes: int):
         super().__init__()
         self.member_offset = nn.Parameter(torch.tensor(math.log(self.NO_OBJECT_WEIGHT)))
+        self.sharpness = nn.Parameter(torch.zeros(()))  # P(q is the referent) ~ p ** exp(SHARPNESS_RATE * it)
         self.attr = nn.Linear(2 * d_model, attr_classes)
         nn.init.zeros_(self.attr.weight)
         nn.init.zeros_(self.attr.bias)
@@ -206,21 +212,21 @@ class ObjectQAReadout(nn.Module):
         """The last decoder layer's hs [B, Q, d], token logits [B, Q, slots + 1] and boxes [B, Q, 4] (cxcywh,
         relative to the unpadded image); the projected backbone features [B, d, h, w] and their unpadded size in
         cells [B, 2] -> answer logit terms ``binary`` [B], ``reg`` [B, count_classes] (float32), ``attr``
-        [B, classes] (the Linear's dtype)."""
+        [B, classes] (float32)."""
         with torch.autocast(hs.device.type, enabled=False):
             log_prob = logits.float().log_softmax(-1)
             member_logit = torch.logsumexp(log_prob[..., :-1], -1) - log_prob[..., -1]  # [B, Q]
             member = (member_logit + self.member_offset).sigmoid()
             member = member.clamp(self.EPS, 1.0 - self.EPS)
             member = member * self.DETECTOR_GRAD + member.detach() * (1 - self.DETECTOR_GRAD)  # same value
+            referent = member.log() * (self.SHARPNESS_RATE * self.sharpness).exp()  # log P(q is the referent) + c
             log_none = torch.log1p(-member.double()).sum(1)  # log P(count = 0), exactly
             exists = torch.log((-torch.expm1(log_none)).clamp(min=self.TINY)) - log_none
             counts = member_count_distribution(member, count_classes).clamp(min=self.TINY).log()
             local = sample_feature_map(image_features, boxes[..., :2].detach().float(), image_valid)  # [B, Q, d]
             features = torch.cat([hs.float(), local.float()], -1)
-            weights = member / member.sum(1, keepdim=True)
-            pooled = (weights[..., None] * features).sum(1)
-            attr = self.attr(pooled.to(self.attr.weight.dtype))
+            per_query = self.attr(features.to(self.attr.weight.dtype)).float().log_softmax(-1)  # [B, Q, A]
+            attr = torch.logsumexp(referent.log_softmax(1)[..., None] + per_query, 1)  # log sum_q P(q) P(a | q)
         return {"binary": exists.float(), "reg": counts.float(), "attr": attr}
 
 

@@ -4,7 +4,7 @@ CLI::
 
     python -m mdetr.evaluate --checkpoint runs/shapes/checkpoint.pth --task grounding [--split test]
         [--ann FILE] [--image-dir DIR] [--weights ema|model] [--batch-size N] [--device auto|cpu|cuda]
-        [--out FILE]
+        [--phrase-score max|sum] [--out FILE]
 
 prints a compact table and writes ``--out`` (default: next to the checkpoint, ``eval_<task>_<split>.json``, or
 ``eval_<task>_<ann file stem>.json`` with ``--ann``).
@@ -52,7 +52,7 @@ from mdetr.checkpoint import load_model
 from mdetr.data import ModulatedDetection, build_dataset, build_loader, make_transforms
 from mdetr.engine import autocast, to_device
 from mdetr.evaluation.coco import METRICS as COCO_METRICS, CocoEvaluator
-from mdetr.evaluation.grounding import PROTOCOLS, PhraseGroundingEvaluator
+from mdetr.evaluation.grounding import PHRASE_SCORES, PROTOCOLS, PhraseGroundingEvaluator
 from mdetr.evaluation.qa import QAEvaluator
 from mdetr.evaluation.refexp import OVERLAPS, RefExpEvaluator
 from mdetr.models import PostProcess, rank_boxes_per_phrase
@@ -168,7 +168,7 @@ def _update_refexp(evaluator: RefExpEvaluator, outputs: Dict[str, Tensor], batch
 def _update_grounding(evaluator: PhraseGroundingEvaluator, outputs: Dict[str, Tensor], batch: Dict[str, Any]) -> None:
     device = outputs["pred_logits"].device
     masks = [t["positive_map_eval"].to(device) for t in batch["targets"]]
-    ranked = rank_boxes_per_phrase(outputs, _original_sizes(batch, device), masks)
+    ranked = rank_boxes_per_phrase(outputs, _original_sizes(batch, device), masks, evaluator.phrase_score)
     num_queries = outputs["pred_boxes"].shape[1]
     for phrases, gt, target in zip(ranked, _gt_boxes(batch), batch["targets"]):
         boxes = torch.stack(phrases) if phrases else torch.zeros(0, num_queries, 4, device=device)  # [P, Q, 4]
@@ -190,11 +190,11 @@ UPDATES: Dict[str, Callable[[Any, Dict[str, Tensor], Dict[str, Any]], None]] = {
     "refexp": _update_refexp, "grounding": _update_grounding, "qa": _update_qa, "coco": _update_coco}
 
 
-def make_evaluator(task: str, qa_dataset: Optional[str] = None, iou_type: str = "giou"):
+def make_evaluator(task: str, qa_dataset: Optional[str] = None, iou_type: str = "giou", phrase_score: str = "max"):
     if task == "refexp":
         return RefExpEvaluator(KS, iou_type=iou_type)
     if task == "grounding":
-        return PhraseGroundingEvaluator(KS)
+        return PhraseGroundingEvaluator(KS, phrase_score=phrase_score)
     if task == "qa":
         return QAEvaluator(qa_dataset)
     if task == "coco":
@@ -249,8 +249,10 @@ def report(task: str, evaluator) -> Dict[str, Any]:
     if task == "grounding":
         counts = {"phrases": evaluator.count, "phrases_without_box": evaluator.skipped}
         rows = [[p.replace("_", "-"), *[metrics[f"{p}_recall@{k}"] for k in evaluator.ks]] for p in PROTOCOLS]
-        return {"metrics": metrics, "counts": counts,
-                "tables": [format_table(["protocol", *[f"R@{k}" for k in evaluator.ks]], rows)]}
+        rule = PHRASE_SCORES[evaluator.phrase_score]
+        return {"metrics": metrics, "counts": counts, "phrase_score": evaluator.phrase_score,
+                "tables": [f"phrase score: {rule}\n"
+                           + format_table(["protocol", *[f"R@{k}" for k in evaluator.ks]], rows)]}
     if task == "qa":
         per_type = evaluator.per_type()
         rows = [[name, r["questions"], r["accuracy"], r["type_accuracy"]] for name, r in per_type.items()]
@@ -266,7 +268,8 @@ def report(task: str, evaluator) -> Dict[str, Any]:
 def evaluate_checkpoint(checkpoint: str, task: str, split: str = "test", ann: Optional[str] = None,
                         image_dir: Optional[str] = None, weights: str = "ema", batch_size: Optional[int] = None,
                         num_workers: Optional[int] = None, device: str = "auto", precision: str = "fp32",
-                        iou_type: str = "giou", trusted: bool = False) -> Dict[str, Any]:
+                        iou_type: str = "giou", trusted: bool = False, phrase_score: Optional[str] = None
+                        ) -> Dict[str, Any]:
     """Load ``checkpoint`` (``mdetr.checkpoint.load_model``), evaluate ``task`` on the split's file, return the
     report: task, split (None with ``ann``: the file is named, not derived from a split), annotation_file,
     checkpoint, weights, and ``report``'s metrics / counts / tables."""
@@ -274,6 +277,8 @@ def evaluate_checkpoint(checkpoint: str, task: str, split: str = "test", ann: Op
         raise ValueError(f"--task must be one of {TASKS}, got {task!r}")
     if iou_type not in OVERLAPS:
         raise ValueError(f"--iou-type must be one of {sorted(OVERLAPS)}, got {iou_type!r}")
+    if phrase_score is not None and phrase_score not in PHRASE_SCORES:
+        raise ValueError(f"--phrase-score must be one of {sorted(PHRASE_SCORES)}, got {phrase_score!r}")
     if not Path(checkpoint).is_file():
         raise ValueError(f"--checkpoint {checkpoint!r}: no such file")
     if device == "cuda" and not torch.cuda.is_available():
@@ -287,8 +292,8 @@ def evaluate_checkpoint(checkpoint: str, task: str, split: str = "test", ann: Op
     indices = select_samples(dataset, task, model.qa_dataset)
     loader = build_loader(Subset(dataset, indices[rank::world]), batch_size or cfg.data.batch_size, shuffle=False,
                           num_workers=cfg.data.num_workers if num_workers is None else num_workers, seed=0)
-    evaluator = run_evaluator(model, loader, task, make_evaluator(task, model.qa_dataset, iou_type), torch_device,
-                              precision)
+    evaluator = make_evaluator(task, model.qa_dataset, iou_type, phrase_score or cfg.train.phrase_score)
+    evaluator = run_evaluator(model, loader, task, evaluator, torch_device, precision)
     result = report(task, evaluator)
     return {"task": task, "split": None if ann else split, "annotation_file": str(dataset.ann_file),
             "checkpoint": str(checkpoint), "weights": model.loaded_weights, "samples": len(indices), **result}
@@ -312,6 +317,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
     parser.add_argument("--iou-type", choices=sorted(OVERLAPS), default="giou",
                         help="refexp: the overlap of the hit rule (giou: the reference's)")
+    parser.add_argument("--phrase-score", choices=sorted(PHRASE_SCORES),
+                        help="grounding: rank a phrase's boxes by the max (MDETR) or the sum of their probabilities "
+                        "on its tokens (default: the checkpoint config's train.phrase_score)")
     parser.add_argument("--out", help="the JSON file to write (default: next to the checkpoint, "
                         "eval_<task>_<split>.json; with --ann eval_<task>_<ann file stem>.json)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -325,7 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         result = evaluate_checkpoint(args.checkpoint, args.task, args.split, args.ann, args.image_dir, args.weights,
                                      args.batch_size, args.num_workers, args.device, args.precision, args.iou_type,
-                                     args.trusted)
+                                     args.trusted, args.phrase_score)
         main_rank = dist_utils.is_main()
     except (ValueError, RuntimeError, ImportError, OSError) as err:  # bad arguments, an unreadable checkpoint, no
         # pycocotools, a text encoder that is not on this machine

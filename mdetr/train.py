@@ -348,7 +348,8 @@ def validate(cfg: Config, model: torch.nn.Module, loader, device: torch.device) 
         tasks = [cfg.train.eval_task]
     else:
         tasks = ["refexp"] + (["qa"] if cfg.model.qa_dataset is not None else [])
-    evaluators = {task: make_evaluator(task, cfg.model.qa_dataset) for task in tasks}
+    evaluators = {task: make_evaluator(task, cfg.model.qa_dataset, phrase_score=cfg.train.phrase_score)
+                  for task in tasks}
     return merged_metrics(run_evaluators(model, loader, evaluators, device, cfg.train.precision))
 
 

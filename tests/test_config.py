@@ -43,6 +43,7 @@ def test_overrides_are_typed():
     ("--model.query_grid=0", None),  # fine alone; with the decoder's spatial attention, below
     ("--train.eval_task=qa", "train.eval_task='qa' needs a model with QA heads"),
     ("--model.qa_readout=boxes", "model.qa_readout must be one of"),
+    ("--train.phrase_score=mean", r"train.phrase_score must be one of \('max', 'sum'\), got 'mean'"),
     ("--model.qa_readout=objects", "model.qa_readout='objects' .* needs model.qa_dataset='clevr', got None"),
 ])
 def test_bad_overrides_name_the_key(item, message):

@@ -118,6 +118,29 @@ def test_grounding_scores_phrases_by_their_best_token():
     assert ev.summarize()["any_box_recall@1"] == 1.0
 
 
+@pytest.mark.parametrize("rule, recall", [("max", 0.5), ("sum", 1.0)])
+def test_grounding_phrase_score_rule(rule, recall):
+    """Phrase A ("two blue squares") = tokens {1, 2, 3}, phrase B ("a red square") = tokens {5, 6}. Query 0, on A's
+    object, spreads its mass over A's tokens (0.3 each); query 1, on B's object, puts 0.45 on A's last token (the
+    shared noun) and 0.45 on B's. The max ranks query 1 first for A (0.45 > 0.3), the sum query 0 (0.9 > 0.45)."""
+    from mdetr.models import rank_boxes_per_phrase
+
+    probs = torch.full((1, 2, 256), 1e-6)
+    probs[0, 0, 1:4] = 0.3
+    probs[0, 1, 3], probs[0, 1, 6] = 0.45, 0.45
+    boxes_cxcywh = torch.tensor([[[0.05, 0.05, 0.1, 0.1], [0.25, 0.05, 0.1, 0.1]]])
+    masks = torch.zeros(2, 256, dtype=torch.bool)
+    masks[0, 1:4], masks[1, 5:7] = True, True
+    ranked = rank_boxes_per_phrase({"pred_logits": probs.log(), "pred_boxes": boxes_cxcywh},
+                                   torch.tensor([[100, 100]]), [masks], rule)[0]
+    ev = PhraseGroundingEvaluator(ks=(1, 2), phrase_score=rule)
+    ev.update(torch.stack(ranked), torch.tensor([LEFT, RIGHT]), torch.eye(2, dtype=torch.bool))
+    assert ev.summarize()["any_box_recall@1"] == recall
+    assert ev.summarize()["any_box_recall@2"] == 1.0
+    with pytest.raises(ValueError, match=r"phrase_score must be one of \('max', 'sum'\), got 'mean'"):
+        PhraseGroundingEvaluator(phrase_score="mean")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # question answering
 
@@ -282,6 +305,7 @@ def test_cli_grounding_end_to_end(checkpoints):
     report = json.loads((checkpoints["folder"] / "eval_grounding_test.json").read_text())
     assert report["annotation_file"].endswith("shapes_grounding_test.json") and report["samples"] == 3
     assert report["counts"]["phrases"] > 0
+    assert report["phrase_score"] == "max" and "phrase score: max over the phrase's tokens" in proc.stdout
     assert set(report["metrics"]) == {f"{p}_recall@{k}" for p in ("any_box", "merged_box") for k in (1, 5, 10)}
     for value in report["metrics"].values():
         assert 0.0 <= value <= 1.0
@@ -375,6 +399,7 @@ def test_phrase_targets_of_the_dataset(checkpoints):
     (["--task", "refexp", "--ann", "{root}/annotations/shapes_grounding_test.json"], "several boxes"),
     (["--task", "refexp", "--ann", "{root}/annotations/shapes_qa_test.json"], "entries without a box (e.g."),
     (["--task", "qa"], "the checkpoint's model has no QA heads"),
+    (["--task", "grounding", "--phrase-score", "mean"], "argument --phrase-score: invalid choice: 'mean'"),
     (["--task", "refexp", "--ann", "nowhere.json"], "--ann 'nowhere.json': no such annotation file"),
 ])
 def test_cli_bad_inputs_name_the_argument(checkpoints, capsys, args, message):
@@ -387,6 +412,19 @@ def test_cli_bad_inputs_name_the_argument(checkpoints, capsys, args, message):
         main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_phrase_score_rule_from_the_checkpoint_or_the_argument(checkpoints, tmp_path):
+    """The checkpoint config's train.phrase_score ranks by default; the argument overrides it; a bad value is named."""
+    from mdetr.evaluate import evaluate_checkpoint
+
+    summed = tiny_checkpoint(tmp_path / "summed.pth", checkpoints["root"], **{"train.phrase_score": "sum"})
+    for checkpoint, argument, rule in ((summed, None, "sum"), (summed, "max", "max"),
+                                       (checkpoints["detector"], "sum", "sum")):
+        result = evaluate_checkpoint(checkpoint, "grounding", weights="model", num_workers=0, phrase_score=argument)
+        assert result["phrase_score"] == rule and result["tables"][0].startswith(f"phrase score: {rule} over")
+    with pytest.raises(ValueError, match=r"--phrase-score must be one of \['max', 'sum'\], got 'mean'"):
+        evaluate_checkpoint(summed, "grounding", phrase_score="mean")
 
 
 def test_refexp_counts_an_entry_whose_box_lies_outside_its_image(checkpoints, tmp_path):

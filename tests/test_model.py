@@ -438,6 +438,14 @@ def test_phrase_scores_take_the_max_token_probability():
     assert_close(phrase_scores(logits, mask), torch.tensor([[0.6, 0.3], [0.1, 0.5]]), what="phrase scores")
 
 
+def test_phrase_scores_sum_the_phrase_token_probabilities():
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]]))
+    mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert_close(phrase_scores(logits, mask, "sum"), torch.tensor([[0.9, 0.5], [0.1, 0.5]]), what="phrase scores")
+    with pytest.raises(ValueError, match=r"reduce must be one of \('max', 'sum'\), got 'mean'"):
+        phrase_scores(logits, mask, "mean")
+
+
 # ---- anchor queries (query_grid) ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

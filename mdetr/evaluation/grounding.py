@@ -1,7 +1,8 @@
 """Phrase grounding Recall@k (Flickr30k Entities protocol, as MDETR's flickr_eval computes it).
 
 Every phrase of a sentence (an entry of ``tokens_positive_eval``) ranks all predicted boxes of its image by the
-phrase score, the max over the phrase's tokens of the token probability (``mdetr.models.rank_boxes_per_phrase``).
+phrase score, the max over the phrase's tokens of the token probability (``mdetr.models.rank_boxes_per_phrase``;
+``phrase_score="sum"``, not in MDETR, ranks by their sum; the evaluator only records which rule ranked the boxes).
 The phrase is recalled at k when one of its top-k boxes has IoU >= 0.5 with
 
 - ``any_box``: ANY ground-truth box of the phrase (the protocol of the paper's headline numbers), or
@@ -24,6 +25,9 @@ from mdetr import distributed as dist_utils
 from mdetr.boxes import box_iou, elementwise_box_iou
 
 PROTOCOLS = ("any_box", "merged_box")
+# how a query's score for a phrase comes from its token probabilities (mdetr.models.phrase_scores)
+PHRASE_SCORES = {"max": "max over the phrase's tokens of the token probability (MDETR)",
+                 "sum": "sum over the phrase's tokens of the token probability (not in MDETR)"}
 
 
 def merge_boxes(boxes: Tensor, membership: Tensor) -> Tensor:
@@ -37,9 +41,13 @@ def merge_boxes(boxes: Tensor, membership: Tensor) -> Tensor:
 
 
 class PhraseGroundingEvaluator:
-    """Recall@k for k in ``ks`` under both protocols (``PROTOCOLS``), IoU >= ``threshold``."""
+    """Recall@k for k in ``ks`` under both protocols (``PROTOCOLS``), IoU >= ``threshold``; ``phrase_score``: the
+    rule that ranks each phrase's boxes before ``update`` ("max", MDETR's, or "sum"; see ``phrase_scores``)."""
 
-    def __init__(self, ks: Sequence[int] = (1, 5, 10), threshold: float = 0.5):
+    def __init__(self, ks: Sequence[int] = (1, 5, 10), threshold: float = 0.5, phrase_score: str = "max"):
+        if phrase_score not in PHRASE_SCORES:
+            raise ValueError(f"phrase_score must be one of {tuple(PHRASE_SCORES)}, got {phrase_score!r}")
+        self.phrase_score = phrase_score
         self.ks = tuple(ks)
         self.threshold = threshold
         self.hits = torch.zeros(len(PROTOCOLS), len(self.ks), dtype=torch.long)

@@ -56,6 +56,13 @@ def test_bad_overrides_name_the_key(item, message):
         C.resolve("shapes", None, [item])
 
 
+def test_object_readout_needs_a_positive_no_object_weight():
+    assert C.resolve("clevr", None, ["--loss.eos_coef=1.0"]).loss.eos_coef == 1.0
+    with pytest.raises(ValueError, match=r"model.qa_readout='objects' .* needs 0 < loss.eos_coef <= 1, got 0.0"):
+        C.resolve("clevr", None, ["--loss.eos_coef=0.0"])
+    assert C.resolve("shapes", None, ["--loss.eos_coef=0.0"]).loss.eos_coef == 0.0  # no readout: the loss alone
+
+
 def test_file_then_overrides_and_round_trip(tmp_path):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"preset": "clevr", "optim": {"epochs": 3}, "data": {"batch_size": 4}}))

@@ -158,3 +158,30 @@ def test_clevr_qa_losses_by_answer_type():
     assert losses["loss_answer_binary"] == pytest.approx(binary.item())  # the binary questions only
     assert losses["loss_answer_attr"] == pytest.approx(ce(outputs["pred_answer_attr"][2:3], torch.tensor([3])).item())
     assert losses["loss_answer_reg"] == pytest.approx(ce(outputs["pred_answer_reg"][3:], torch.tensor([2])).item())
+
+
+def test_qa_losses_skip_samples_without_a_question():
+    # answer_type -100: a grounding sentence mixed into QA training; every QA loss is the one of the questions alone
+    from mdetr.losses.qa import qa_losses
+
+    g = torch.Generator().manual_seed(1)
+    answers = {"answer_type": torch.tensor([0, -100, 1, -100, 2]),
+               "answer_binary": torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0]),
+               "answer_attr": torch.tensor([-100, -100, 3, -100, -100]),
+               "answer_reg": torch.tensor([-100, -100, -100, -100, 2])}
+    outputs = {"pred_answer_type": torch.randn(5, 3, generator=g), "pred_answer_binary": torch.randn(5, generator=g),
+               "pred_answer_attr": torch.randn(5, 15, generator=g), "pred_answer_reg": torch.randn(5, 20, generator=g)}
+    outputs = {k: v.requires_grad_() for k, v in outputs.items()}
+    asked = torch.tensor([0, 2, 4])
+    losses = qa_losses(outputs, {"answers": answers}, "clevr")
+    alone = qa_losses({k: v[asked] for k, v in outputs.items()},
+                      {"answers": {k: v[asked] for k, v in answers.items()}}, "clevr")
+    assert set(losses) == set(alone)
+    for key in losses:
+        assert losses[key].item() == pytest.approx(alone[key].item())
+    sum(losses.values()).backward()
+    for value in outputs.values():
+        assert (value.grad[[1, 3]] == 0).all()  # nothing reaches the sentences without a question
+    none = {k: torch.full_like(v, -100) if k != "answer_binary" else v for k, v in answers.items()}
+    losses = qa_losses(outputs, {"answers": none}, "clevr")
+    assert all(value.item() == 0 for value in losses.values())  # a batch without questions: zero, not NaN

@@ -209,6 +209,63 @@ def test_gqa_needs_vocab(tmp_path, tokenizer):
     assert t["answer_type"].item() == 0 and t["answer_obj"].item() == 1 and t["answer_attr"].item() == -100
 
 
+def test_reader_reads_several_files_as_one(tmp_path, tokenizer):
+    # a QA file and a grounding file read together (a mixed fine-tune): entries in file order, each keeping its
+    # boxes; the sentence without a question carries -100 answers, which the QA losses and accuracy skip
+    Image.new("RGB", (100, 80), (10, 200, 10)).save(tmp_path / "ok.png")
+    image = {"file_name": "ok.png", "height": 80, "width": 100}
+
+    def write(name, entries, annotations):
+        path = tmp_path / name
+        path.write_text(json.dumps({"images": [{**image, **e} for e in entries], "annotations": annotations}))
+        return path
+
+    qa = write("qa.json", [{"id": 1, "caption": "what color is the box?", "answer": "red"},
+                           {"id": 2, "caption": "how many boxes?", "answer": "2"}], [ann(1, [1, 1, 5, 5], [[19, 22]])])
+    grounding = write("grounding.json", [{"id": 3, "caption": "a red box and a blue box"}],
+                      [ann(3, [1, 1, 5, 5], [[0, 9]]), ann(3, [50, 20, 9, 9], [[14, 24]])])
+    ds = ModulatedDetection(tmp_path, [qa, grounding], tokenizer)
+    assert len(ds) == 3 and [e["id"] for e in ds.entries] == [1, 2, 3] and ds.qa == "clevr"
+    assert ds.answer_vocab == ["red"] and str(ds.ann_file) == f"{qa}+{grounding}"
+    targets = [ds[i][1] for i in range(3)]
+    assert [len(t["boxes"]) for t in targets] == [1, 0, 2]
+    assert targets[0]["answer_type"].item() == 1 and targets[1]["answer_reg"].item() == 2
+    assert "answer" not in targets[2]
+    assert {k: v.item() for k, v in targets[2].items() if k.startswith("answer_")} == {
+        "answer_type": -100, "answer_attr": -100, "answer_reg": -100, "answer_binary": 0.0}
+    batch = collate_fn([ds[2], ds[0]])
+    assert batch["answers"]["answer_type"].tolist() == [-100, 1]
+    # the QA file's info (its answer vocabulary) holds wherever the file comes in the list
+    data = json.loads(qa.read_text())
+    qa.write_text(json.dumps({**data, "info": {"task": "qa", "answer_vocab": ["red", "blue"]}}))
+    grounding_first = ModulatedDetection(tmp_path, [grounding, qa], tokenizer)
+    assert grounding_first.answer_vocab == ["red", "blue"] and grounding_first.info["task"] == "qa"
+    assert [e["id"] for e in grounding_first.entries] == [3, 1, 2]
+    # one file is the same dataset as before
+    alone = ModulatedDetection(tmp_path, grounding, tokenizer)
+    assert alone.ann_file == grounding and alone.qa is None and "answer_type" not in alone[0][1]
+    with pytest.raises(ValueError, match=r"entry id 3 of '.*qa_again.json' is also an entry of '.*grounding.json'"):
+        ModulatedDetection(tmp_path, [grounding, write("qa_again.json", [{"id": 3, "caption": "a box?"}], [])],
+                           tokenizer)
+    with pytest.raises(ValueError, match=r"annotation file '.*nope.json' does not exist"):
+        ModulatedDetection(tmp_path, [qa, tmp_path / "nope.json"], tokenizer)
+    with pytest.raises(ValueError, match="at least one annotation file"):
+        ModulatedDetection(tmp_path, [], tokenizer)
+
+
+def test_config_names_several_annotation_files():
+    from mdetr.data import _ann_paths
+
+    cfg = DataConfig(train_ann="shapes_qa_train.json, shapes_grounding_train.json", val_ann="a_val.json,b_val.json")
+    root = Path(cfg.root) / "annotations"
+    assert _ann_paths(cfg, "train", None) == [root / "shapes_qa_train.json", root / "shapes_grounding_train.json"]
+    assert _ann_paths(cfg, "test", None) == [root / "a_test.json", root / "b_test.json"]
+    assert _ann_paths(cfg, "test", "/x/mine.json") == [Path("/x/mine.json")]  # named: not derived
+    cfg.train_ann = "shapes_qa_train.json,"
+    with pytest.raises(ValueError, match="annotation files: expected file names joined by ','"):
+        _ann_paths(cfg, "train", None)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # transforms
 
@@ -250,14 +307,14 @@ PRESET_MAX = {"shapes": 320, "mdetr": 1333}
 
 
 def test_test_split_file_comes_from_the_val_file_name():
-    from mdetr.data import _ann_path
+    from mdetr.data import _ann_paths
 
     cfg = DataConfig(dataset="mdetr", root="/data/my_val", val_ann="refs_val/final_refcocog_val.json")
-    assert _ann_path(cfg, "test", None) == Path("/data/my_val/refs_val/final_refcocog_test.json")  # the name only
+    assert _ann_paths(cfg, "test", None) == [Path("/data/my_val/refs_val/final_refcocog_test.json")]  # the name only
     cfg = DataConfig(dataset="mdetr", root="/data", val_ann="finetune_gqa_testdev_balanced.json")
     with pytest.raises(ValueError, match=r"split 'test': no test file to derive from data.val_ann="
                                          r"'finetune_gqa_testdev_balanced.json'.*--ann FILE"):
-        _ann_path(cfg, "test", None)
+        _ann_paths(cfg, "test", None)
 
 
 @pytest.mark.parametrize("preset", ["shapes", "mdetr"])

@@ -171,6 +171,12 @@ def test_qa_accuracy_per_answer_type():
     assert list(per_type) == ["binary", "attribute", "count", "all"]
     assert per_type["count"] == pytest.approx({"questions": 2, "accuracy": 0.5, "type_accuracy": 0.5})
     assert per_type["all"]["questions"] == 6
+    # samples without a question (answer_type -100, e.g. grounding sentences in a mixed file) are not scored
+    mixed = {k: torch.cat([v, torch.full_like(v[:1], -100 if k != "answer_binary" else 0)]) for k, v in answers.items()}
+    more = {k: torch.cat([v, v[:1]]) for k, v in outputs.items()}
+    ev = QAEvaluator("clevr")
+    ev.update(more, mixed)
+    assert ev.summarize()["qa_accuracy"] == pytest.approx(3 / 6) and ev.per_type()["all"]["questions"] == 6
 
 
 def test_qa_gqa_types_and_bad_inputs():

@@ -884,26 +884,39 @@ def test_member_count_distribution_keeps_far_off_counts_and_their_gradients():
 
 
 def member_logits(member, slots=5):
-    """Token logits [B, Q, slots + 1] whose member probability, after the readout's calibration (a member's odds
-    are the detector's times 0.1), is ``member``: the detector's odds are ten times member's."""
+    """Token logits [B, Q, slots + 1] whose member probability, after the default readout's calibration (a
+    member's odds are the detector's times 0.1), is ``member``: the detector's odds are ten times member's."""
     logits = torch.full((*member.shape, slots + 1), -30.0)
-    logits[..., 0] = torch.log(member.clamp(min=1e-12)) - math.log(ObjectQAReadout.NO_OBJECT_WEIGHT)
+    logits[..., 0] = torch.log(member.clamp(min=1e-12)) - math.log(0.1)
     logits[..., -1] = torch.log1p(-member.clamp(max=1 - 1e-7))
     return logits
 
 
-def test_object_readout_undoes_the_no_object_weight_of_the_detection_loss():
-    readout = ObjectQAReadout(d_model=4, attr_classes=3)
+@pytest.mark.parametrize("c", [0.1, 0.5, 1.0])
+def test_object_readout_undoes_the_no_object_weight_of_the_detection_loss(c):
+    readout = ObjectQAReadout(d_model=4, attr_classes=3) if c == 0.1 else ObjectQAReadout(4, 3, no_object_weight=c)
     no_object = torch.tensor([0.05, 0.3, 0.5, 0.9, 0.99])
     logits = torch.full((5, 1, 4), -1e4)  # one query per sample: its no-object probability, the rest on token 1
     logits[..., 1], logits[..., -1] = torch.log1p(-no_object)[:, None], torch.log(no_object)[:, None]
     terms = readout(torch.randn(5, 1, 4), logits, torch.rand(5, 1, 4), torch.randn(5, 4, 2, 2),
                     torch.tensor([[2.0, 2.0]] * 5), count_classes=4)
-    w = 1 - no_object  # the detector's member score; the loss's optimum for member probability p: p / (p + 0.1 (1 - p))
-    p = 0.1 * w / (0.1 * w + 1 - w)
+    w = 1 - no_object  # the detector's member score; the loss's optimum for member probability p: p / (p + c (1 - p))
+    p = c * w / (c * w + 1 - w)
     assert_close(terms["binary"], torch.log(p) - torch.log1p(-p), atol=1e-4, what="exists logit = logit(p)")
     assert_close(terms["reg"][:, :2].exp(), torch.stack([1 - p, p], -1), atol=1e-5, what="P(count = 0), P(1)")
-    assert_close(p / (p + 0.1 * (1 - p)), w, what="the weighting the readout undoes")
+    assert_close(p / (p + c * (1 - p)), w, what="the weighting the readout undoes")
+
+
+def test_object_readout_no_object_weight_comes_from_the_loss():
+    with pytest.raises(ValueError, match=r"no_object_weight \(the detection loss's eos_coef\) must be in \(0, 1\], got 0"):
+        ObjectQAReadout(4, 3, no_object_weight=0)
+    from mdetr.config import resolve
+    from mdetr.models import build_from_config
+
+    cfg = resolve("clevr", None, ["--model.d_model=32", "--model.enc_layers=1", "--model.dec_layers=1",
+                                  "--model.dim_feedforward=32", "--loss.eos_coef=0.25"])
+    model = build_from_config(cfg.model, qa_no_object_weight=cfg.loss.eos_coef)  # as mdetr.train builds it
+    assert model.qa_object_readout.member_offset.item() == pytest.approx(math.log(0.25))
 
 
 def test_sample_feature_map_reads_cells_of_the_unpadded_region():

@@ -38,26 +38,34 @@ def ensure_shapes_dataset(root, **sizes) -> Path:
     return ensure(root, **sizes)
 
 
-def _ann_path(data_cfg, split: str, ann_file: Optional[str]) -> Path:
+def _ann_paths(data_cfg, split: str, ann_file: Optional[str]) -> List[Path]:
+    """The split's annotation files: ``ann_file``, else data.train_ann / data.val_ann (test: the val files with
+    '_val' -> '_test'); each may name several files joined by ',' (read as one dataset)."""
+    derive_test = ann_file is None and split == "test"
     if ann_file is None:
         if split == "train":
             ann_file = data_cfg.train_ann
-        elif split == "val":
+        elif split in ("val", "test"):
             ann_file = data_cfg.val_ann
-        elif split == "test":
-            val = Path(data_cfg.val_ann)
-            if "_val" not in val.name:
+        else:
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    names = [name.strip() for name in str(ann_file).split(",")]
+    if not all(names):
+        raise ValueError(f"annotation files: expected file names joined by ',', got {ann_file!r}")
+    if derive_test:
+        for name in names:
+            if "_val" not in Path(name).name:
                 raise ValueError(f"split 'test': no test file to derive from data.val_ann={data_cfg.val_ann!r} "
                                  f"(the test file is the val file's name with '_val' -> '_test'); name the test "
                                  f"annotation file itself (python -m mdetr.evaluate --ann FILE)")
-            ann_file = str(val.with_name(val.name.replace("_val", "_test")))
-        else:
-            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-    path = Path(ann_file)
-    if path.is_absolute():
-        return path
+        names = [str(Path(name).with_name(Path(name).name.replace("_val", "_test"))) for name in names]
     root = Path(data_cfg.root)
-    return root / "annotations" / path if data_cfg.dataset == "shapes" else root / path
+    paths = []
+    for name in names:
+        path = Path(name)
+        paths.append(path if path.is_absolute() else
+                     root / "annotations" / path if data_cfg.dataset == "shapes" else root / path)
+    return paths
 
 
 def _ensure_from_config(data_cfg) -> Path:
@@ -82,7 +90,8 @@ def build_dataset(data_cfg, split: str, tokenizer, ann_file: Optional[str] = Non
     image_dir = Path(data_cfg.image_dir) if data_cfg.image_dir else Path(data_cfg.root) / "images"
     # data.augment=false: the train split gets the deterministic eval transform (what the feature cache needs)
     transform_split = "eval" if split == "train" and not data_cfg.augment else split
-    return ModulatedDetection(image_dir, _ann_path(data_cfg, split, ann_file), tokenizer,
+    paths = _ann_paths(data_cfg, split, ann_file)
+    return ModulatedDetection(image_dir, paths[0] if len(paths) == 1 else paths, tokenizer,
                               make_transforms(transform_split, data_cfg.transforms),
                               answer_vocab=answer_vocab if answer_vocab is not None else _answer_vocab(data_cfg))
 

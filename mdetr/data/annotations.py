@@ -26,6 +26,12 @@ answer             str                           QA only, the raw answer; plus a
                                                  scalar) and one ``answer_<head>`` per answer head
 ================== ============================= ======================================================
 
+Several annotation files (``ann_file`` a list) make one dataset: their entries in file order. Entry ids must be
+unique across the files (an annotation belongs to the entry of its ``image_id``); where their ``info`` dicts
+share a key, the earlier file's value holds.
+In a QA dataset, an entry without ``answer`` (e.g. a grounding sentence mixed into a QA fine-tune) trains the
+detection losses only: its ``answer_type`` and every ``answer_<head>`` are -100, which the QA losses ignore.
+
 QA targets. CLEVR scheme (entries with ``answer`` and no ``question_type``, as MDETR's clevr.py): answer_type 0
 binary (yes/no), 1 attribute, 2 count; ``answer_binary`` FloatTensor (1.0 = yes), ``answer_attr`` and
 ``answer_reg`` LongTensor (the count), -100 where the type does not apply. The attribute vocabulary is, in order
@@ -96,22 +102,37 @@ def read_rgb_image(path: Union[str, Path]) -> Image.Image:
 class ModulatedDetection(Dataset):
     """One sample per image entry (image, caption) of an MDETR annotation file. See the module docstring."""
 
-    def __init__(self, image_dir: Union[str, Path], ann_file: Union[str, Path], tokenizer, transforms=None,
-                 max_tokens: int = 256, answer_vocab: Optional[Union[Sequence[str], Dict[str, Dict[str, int]]]] = None):
+    def __init__(self, image_dir: Union[str, Path], ann_file: Union[str, Path, Sequence[Union[str, Path]]],
+                 tokenizer, transforms=None, max_tokens: int = 256,
+                 answer_vocab: Optional[Union[Sequence[str], Dict[str, Dict[str, int]]]] = None):
         self.image_dir = Path(image_dir)
-        self.ann_file = Path(ann_file)
-        if not self.ann_file.is_file():
-            raise ValueError(f"annotation file {str(self.ann_file)!r} does not exist")
-        with open(self.ann_file) as f:
-            data = json.load(f)
+        files = [Path(ann_file)] if isinstance(ann_file, (str, Path)) else [Path(f) for f in ann_file]
+        if not files:
+            raise ValueError("ann_file must name at least one annotation file, got an empty list")
+        self.ann_files = files
+        self.ann_file = files[0] if len(files) == 1 else Path("+".join(str(f) for f in files))  # for messages
         self.tokenizer = tokenizer
         self.transforms = transforms if transforms is not None else Compose([ToNormalizedTensor()])
         self.max_tokens = max_tokens
-        self.info = data.get("info") or {}
-        self.entries: List[dict] = data["images"]
+        self.info: dict = {}
+        self.entries: List[dict] = []
         self.annotations: Dict[int, List[dict]] = {}
-        for ann in data.get("annotations", []):
-            self.annotations.setdefault(ann["image_id"], []).append(ann)
+        owner: Dict[int, Path] = {}  # entry id -> the file that holds it
+        for path in files:
+            if not path.is_file():
+                raise ValueError(f"annotation file {str(path)!r} does not exist")
+            with open(path) as f:
+                data = json.load(f)
+            self.info = {**(data.get("info") or {}), **self.info}  # an earlier file's keys win
+            for entry in data["images"]:
+                if entry["id"] in owner:
+                    raise ValueError(f"entry id {entry['id']} of {str(path)!r} is also an entry of "
+                                     f"{str(owner[entry['id']])!r}: the ids of annotation files read together "
+                                     f"must be unique")
+                owner[entry["id"]] = path
+            self.entries.extend(data["images"])
+            for ann in data.get("annotations", []):
+                self.annotations.setdefault(ann["image_id"], []).append(ann)
         self.qa = self._qa_scheme()
         self.answer_vocab = self._answer_vocab(answer_vocab)
 
@@ -139,6 +160,12 @@ class ModulatedDetection(Dataset):
         return sorted(a for a in answers if a not in ("yes", "no") and not _is_count(a))
 
     def _answer_targets(self, entry: dict) -> Dict[str, torch.Tensor]:
+        if "answer" not in entry:  # no question (e.g. a grounding sentence mixed in): the QA losses ignore it
+            heads = [f"answer_{head}" for head in GQA_TYPES] if self.qa == "gqa" else ["answer_attr", "answer_reg"]
+            out = {key: torch.tensor(IGNORE, dtype=torch.long) for key in ["answer_type"] + heads}
+            if self.qa == "clevr":
+                out["answer_binary"] = torch.tensor(0.0)
+            return out
         answer = str(entry["answer"])
         if self.qa == "gqa":
             qtype = entry["question_type"]
@@ -206,8 +233,9 @@ class ModulatedDetection(Dataset):
             target["phrase_box_map"] = phrase_box_map(phrases, spans)
         if phrase_ids is not None:
             target["phrase_ids"] = torch.tensor(phrase_ids, dtype=torch.long)
-        if self.qa is not None and "answer" in entry:
-            target["answer"] = str(entry["answer"])
+        if self.qa is not None:
+            if "answer" in entry:
+                target["answer"] = str(entry["answer"])
             target.update(self._answer_targets(entry))
         return self.transforms(image, target)
 

@@ -13,6 +13,7 @@ boxes           FloatTensor [B, Tmax, 4]         cxcywh normalized; rows >= num_
 positive_map    BoolTensor [B, Tmax, C]          C = the dataset's max_tokens (256); padded rows False
 num_targets     LongTensor [B]                   boxes per sample
 answers         dict[str, Tensor [B]]            only for QA batches: answer_type and every answer_<head>
+                                                 (-100 for a sample without a question)
 =============== ================================ ===========================================================
 
 Tmax = max(1, largest T): at least one (all-padding) row even when no sample has a box, so shapes never have a
@@ -56,7 +57,8 @@ def pad_targets(targets: Sequence[dict]) -> Dict[str, Tensor]:
 
 
 def stack_answers(targets: Sequence[dict]) -> Dict[str, Tensor]:
-    """{answer_type, answer_<head>...} stacked to [B]; every sample of a QA batch must carry answers."""
+    """{answer_type, answer_<head>...} stacked to [B]; every sample of a QA batch must carry them (an answer-less
+    sample of a QA dataset carries -100s, see ``ModulatedDetection``)."""
     keys = sorted(k for k, v in targets[0].items() if k.startswith("answer_") and isinstance(v, Tensor))
     keys = ["answer_type"] + [k for k in keys if k != "answer_type"]
     for t in targets:

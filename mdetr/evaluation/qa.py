@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from mdetr import distributed as dist_utils
-from mdetr.data.annotations import GQA_TYPES
+from mdetr.data.annotations import GQA_TYPES, IGNORE
 from mdetr.losses.qa import qa_correct
 
 # answer-type names by type index (the datasets' answer_type values, the heads' order in mdetr.losses.qa.HEADS)
@@ -35,10 +35,12 @@ class QAEvaluator:
         self.counts = torch.zeros(len(self.type_names), 3, dtype=torch.long)
 
     def update(self, outputs: Dict[str, Tensor], answers: Dict[str, Tensor]) -> None:
-        """outputs: the model's ``pred_answer_*`` logits for B questions; answers: the batch's ``answers`` dict of
-        [B] tensors (``answer_type`` and one ``answer_<head>`` per head)."""
+        """outputs: the model's ``pred_answer_*`` logits for B samples; answers: the batch's ``answers`` dict of
+        [B] tensors (``answer_type`` and one ``answer_<head>`` per head). Samples whose ``answer_type`` is -100
+        hold no question (e.g. grounding sentences in a mixed file) and are not scored."""
+        asked = answers["answer_type"] != IGNORE
         right = qa_correct(outputs, answers, self.qa_dataset)
-        self.update_correct(right["answer"], right["type"], answers["answer_type"])
+        self.update_correct(right["answer"][asked], right["type"][asked], answers["answer_type"][asked])
 
     def update_correct(self, answer_right: Tensor, type_right: Tensor, answer_type: Tensor) -> None:
         """answer_right, type_right: BoolTensor [B]; answer_type: LongTensor [B], the ground-truth type index."""

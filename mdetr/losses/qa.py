@@ -5,7 +5,8 @@ cross-entropy plus, per type, the head's loss averaged over the samples of that 
 both the type and the answer of the predicted type's head are right.
 
 The collated batch carries ``answers``: a dict of [B] tensors, ``answer_type`` and ``answer_<head>`` per head
-(values of heads that do not apply to a sample are ignored).
+(values of heads that do not apply to a sample are ignored). A sample whose ``answer_type`` is -100 has no
+question (e.g. a grounding sentence mixed into QA training): every QA loss ignores it.
 """
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ def qa_losses(outputs: Dict[str, Tensor], batch: Dict[str, object], dataset: str
         raise ValueError(f"the model has {dataset} QA heads but the batch holds no 'answers' (a QA annotation file?)")
     answers: Dict[str, Tensor] = batch["answers"]
     answer_type = answers["answer_type"]
-    losses = {"loss_answer_type": F.cross_entropy(outputs["pred_answer_type"].float(), answer_type)}
+    asked = answer_type >= 0
+    type_loss = F.cross_entropy(outputs["pred_answer_type"].float(), answer_type.clamp(min=0), reduction="none")
+    losses = {"loss_answer_type": type_loss.where(asked, 0.0).sum() / asked.sum().clamp(min=1)}
     for type_index, (head, kind) in enumerate(heads):
         is_type = answer_type == type_index
         pred = outputs[f"pred_answer_{head}"].float()

@@ -169,11 +169,11 @@ class ObjectQAReadout(nn.Module):
     the one object an attribute question asks about (true of the shapes world; MDETR's CLEVR files may also box the
     objects that a question's relations refer to, so there this option is untested). The detection losses teach
     each object query to score how likely it is one of them, ``w_q = 1 - p_q(no object)``, but they weigh the
-    no-object target of unmatched queries by 0.1 (``eos_coef``), so at their optimum a query that is a member with
-    probability p scores w = p / (p + 0.1 (1 - p)): 0.71 for p = 0.2. The readout undoes that weighting, p =
-    sigmoid(logit(w) + ``member_offset``), a learned scalar starting at log(0.1) (without it the summed member
-    scores exceeded the true count by 2-3 on the shapes world's val questions). It turns those member probabilities
-    into answer logits that are added to the QA slot heads' own:
+    no-object target of unmatched queries by ``no_object_weight`` c (the loss's ``eos_coef``, MDETR's 0.1), so at
+    their optimum a query that is a member with probability p scores w = p / (p + c (1 - p)): 0.71 for p = 0.2 and
+    c = 0.1. The readout undoes that weighting, p = sigmoid(logit(w) + ``member_offset``), a learned scalar starting
+    at log(c) (without it the summed member scores exceeded the true count by 2-3 on the shapes world's val
+    questions). It turns those member probabilities into answer logits that are added to the QA slot heads' own:
     - existence and count: the exact distribution of the number of members, taking the queries as independent
       (``member_count_distribution``): the binary logit gets log P(count > 0) - log P(count = 0), the count
       logits get log P(count = k). No parameters.
@@ -196,12 +196,14 @@ class ObjectQAReadout(nn.Module):
     EPS = 1e-6  # member probabilities are clamped to [EPS, 1 - EPS]
     TINY = 1e-300  # floor of a float64 probability before its log
     DETECTOR_GRAD = 0.1
-    NO_OBJECT_WEIGHT = 0.1  # the detection loss's weight of unmatched queries (MDETR's eos_coef)
     SHARPNESS_RATE = 10.0  # Adam moves a scalar by ~lr per step; this lets the referent exponent move 10x faster
 
-    def __init__(self, d_model: int, attr_classes: int):
+    def __init__(self, d_model: int, attr_classes: int, no_object_weight: float = 0.1):
         super().__init__()
-        self.member_offset = nn.Parameter(torch.tensor(math.log(self.NO_OBJECT_WEIGHT)))
+        if not 0 < no_object_weight <= 1:
+            raise ValueError(f"no_object_weight (the detection loss's eos_coef) must be in (0, 1], got "
+                             f"{no_object_weight}")
+        self.member_offset = nn.Parameter(torch.tensor(math.log(no_object_weight)))
         self.sharpness = nn.Parameter(torch.zeros(()))  # P(q is the referent) ~ p ** exp(SHARPNESS_RATE * it)
         self.attr = nn.Linear(2 * d_model, attr_classes)
         nn.init.zeros_(self.attr.weight)
@@ -246,6 +248,8 @@ class MDETR(nn.Module):
         clevr_attr_classes: size of the CLEVR attribute answer vocabulary (15 in CLEVR).
         qa_readout: "slots" = the reference (each answer head reads its QA slot); "objects" (CLEVR heads only; not
             in MDETR) also reads the answers from the object queries' detections (``ObjectQAReadout``).
+        qa_no_object_weight: with ``qa_readout="objects"``, the training loss's ``eos_coef``: the readout's member
+            calibration starts from it (a learned parameter, so a trained model's value comes with its weights).
         predict_final: CLEVR-Ref+ "is this box the referred set" head (``isfinal_embed``, ``pred_isfinal``).
         query_grid: 0 = the reference's learned object queries. G > 0 = anchor queries (not in MDETR; Anchor-DETR /
             two-stage Deformable DETR style): one query per cell centre of a G x G grid over each image's valid
@@ -265,7 +269,8 @@ class MDETR(nn.Module):
     def __init__(self, backbone: Joiner, transformer: Transformer, num_queries: int = 100, num_classes: int = 255,
                  contrastive_align_dim: int = 64, qa_dataset: Optional[str] = None, clevr_attr_classes: int = 15,
                  predict_final: bool = False, query_grid: int = 0, token_head: str = "linear",
-                 box_refine: bool = False, qa_layer: int = 0, qa_readout: str = "slots", box_roi: str = "none"):
+                 box_refine: bool = False, qa_layer: int = 0, qa_readout: str = "slots", box_roi: str = "none",
+                 qa_no_object_weight: float = 0.1):
         super().__init__()
         layers = len(transformer.decoder.layers)
         if not -layers <= qa_layer < layers:
@@ -313,8 +318,8 @@ class MDETR(nn.Module):
             head = MLP(d_model, d_model, size, 3) if mlp else nn.Linear(d_model, size)
             self.add_module(f"answer_{name}_head", head)
         self.qa_readout = qa_readout
-        self.qa_object_readout = (ObjectQAReadout(d_model, clevr_attr_classes) if qa_readout == "objects"
-                                  else None)
+        self.qa_object_readout = (ObjectQAReadout(d_model, clevr_attr_classes, qa_no_object_weight)
+                                  if qa_readout == "objects" else None)
         self.box_roi = box_roi
         self.box_roi_refiner = None if box_roi == "none" else BoxRoIRefiner(d_model, pixels=box_roi == "pixels")
 
@@ -441,7 +446,7 @@ def build_mdetr(backbone: str = "tf_efficientnet_lite0", pretrained_backbone: bo
                 contrastive_align_dim: int = 64, qa_dataset: Optional[str] = None, clevr_attr_classes: int = 15,
                 predict_final: bool = False, query_grid: int = 0, token_head: str = "linear", box_refine: bool = False,
                 qa_layer: int = 0, qa_readout: str = "slots", spatial_attention: str = "none", box_roi: str = "none",
-                attention_backend: str = "reference",
+                qa_no_object_weight: float = 0.1, attention_backend: str = "reference",
                 load_backbone_weights: bool = True, text_encoder_config: Optional[PretrainedConfig] = None) -> MDETR:
     """MDETR with explicit settings (defaults: the paper's sizes on the embedded lite0 + MiniLM encoders).
 
@@ -464,7 +469,7 @@ def build_mdetr(backbone: str = "tf_efficientnet_lite0", pretrained_backbone: bo
     return MDETR(joiner, transformer, num_queries, contrastive_align_dim=contrastive_align_dim,
                  qa_dataset=qa_dataset, clevr_attr_classes=clevr_attr_classes, predict_final=predict_final,
                  query_grid=query_grid, token_head=token_head, box_refine=box_refine, qa_layer=qa_layer,
-                 qa_readout=qa_readout, box_roi=box_roi)
+                 qa_readout=qa_readout, box_roi=box_roi, qa_no_object_weight=qa_no_object_weight)
 
 
 def param_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:

@@ -90,8 +90,7 @@ def build_dataset(data_cfg, split: str, tokenizer, ann_file: Optional[str] = Non
     image_dir = Path(data_cfg.image_dir) if data_cfg.image_dir else Path(data_cfg.root) / "images"
     # data.augment=false: the train split gets the deterministic eval transform (what the feature cache needs)
     transform_split = "eval" if split == "train" and not data_cfg.augment else split
-    paths = _ann_paths(data_cfg, split, ann_file)
-    return ModulatedDetection(image_dir, paths[0] if len(paths) == 1 else paths, tokenizer,
+    return ModulatedDetection(image_dir, _ann_paths(data_cfg, split, ann_file), tokenizer,
                               make_transforms(transform_split, data_cfg.transforms),
                               answer_vocab=answer_vocab if answer_vocab is not None else _answer_vocab(data_cfg))
 

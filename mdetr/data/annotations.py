@@ -109,7 +109,6 @@ class ModulatedDetection(Dataset):
         files = [Path(ann_file)] if isinstance(ann_file, (str, Path)) else [Path(f) for f in ann_file]
         if not files:
             raise ValueError("ann_file must name at least one annotation file, got an empty list")
-        self.ann_files = files
         self.ann_file = files[0] if len(files) == 1 else Path("+".join(str(f) for f in files))  # for messages
         self.tokenizer = tokenizer
         self.transforms = transforms if transforms is not None else Compose([ToNormalizedTensor()])

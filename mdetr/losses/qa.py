@@ -35,7 +35,7 @@ def qa_losses(outputs: Dict[str, Tensor], batch: Dict[str, object], dataset: str
         raise ValueError(f"the model has {dataset} QA heads but the batch holds no 'answers' (a QA annotation file?)")
     answers: Dict[str, Tensor] = batch["answers"]
     answer_type = answers["answer_type"]
-    asked = answer_type >= 0
+    asked = answer_type >= 0  # -100: no question
     type_loss = F.cross_entropy(outputs["pred_answer_type"].float(), answer_type.clamp(min=0), reduction="none")
     losses = {"loss_answer_type": type_loss.where(asked, 0.0).sum() / asked.sum().clamp(min=1)}
     for type_index, (head, kind) in enumerate(heads):

@@ -1029,3 +1029,100 @@ def test_object_readout_adds_to_the_slot_heads_and_trains_the_detector():
     with pytest.raises(ValueError, match="qa_readout must be 'slots' or 'objects', got 'boxes'"):
         build_mdetr(**TINY, qa_dataset="clevr", qa_readout="boxes", pretrained_backbone=False)
 
+
+
+# ---- spatial relations between the detections (model.relation_head) ----------------------------------------
+
+from mdetr.models.mdetr import RelationHead  # noqa: E402
+
+
+@torch.no_grad()
+def relation_bonus_loops(head, logits, boxes, text, pad):
+    """RelationHead's documented bonus, one caption and one query pair at a time."""
+    bonus = torch.zeros(logits.shape[:-1])
+    for b in range(logits.shape[-3]):
+        words = text[~pad[b], b]  # the caption's tokens [l, d]
+        alpha = (head.RATE * head.anchor_token(words)).squeeze(-1).softmax(0)
+        beta = (head.RATE * head.relation_token(words)).squeeze(-1).softmax(0)
+        u = head.SCALE * head.RATE * head.direction((beta[:, None] * words).sum(0))
+        for layer in itertools.product(*map(range, logits.shape[:-3])):
+            scores = [float(logits[layer + (b, j)][: len(words)][~pad[b, : len(words)]] @ alpha)
+                      for j in range(logits.shape[-2])]
+            for i in range(logits.shape[-2]):
+                others = [j for j in range(logits.shape[-2]) if j != i]
+                weights = torch.tensor([scores[j] for j in others]).softmax(0)
+                centre = boxes[layer + (b, i)][:2]
+                side = sum(w * torch.tanh((boxes[layer + (b, j)][:2] - centre) / head.TAU)
+                           for w, j in zip(weights, others))
+                bonus[layer + (b, i)] = float(u @ side)
+    return bonus
+
+
+def test_relation_head_starts_as_the_identity_and_matches_its_formula_with_text_padding():
+    torch.manual_seed(0)
+    head = RelationHead(d_model=8)
+    logits, boxes = torch.randn(2, 3, 6, 256), torch.rand(2, 3, 6, 4)
+    text, pad = torch.randn(5, 3, 8), torch.zeros(3, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    pad[2, 4:] = True
+    logits[:, 1, :, 3:5] = -1e4  # TokenSimilarityHead's FILL at the padded tokens
+    assert torch.equal(head(logits, boxes, text, pad), logits), "the Linears start at zero: logits unchanged"
+    for layer in (head.anchor_token, head.relation_token, head.direction):
+        nn.init.normal_(layer.weight, std=0.03)
+    out = head(logits, boxes, text, pad)
+    assert torch.equal(out[..., :-1], logits[..., :-1]), "only the no-object column moves"
+    assert_close(logits[..., -1] - out[..., -1], relation_bonus_loops(head, logits, boxes, text, pad), atol=1e-4,
+                 rtol=1e-4, what="bonus")
+    moved = logits.clone()
+    moved[:, 1, :, 3:5] = 50.0  # the linear head's logits at padded slots: never read
+    moved[..., 6:-1] = 50.0  # nor the slots after the caption
+    assert_close(head(moved, boxes, text, pad)[..., -1], out[..., -1], what="slots outside the caption")
+    assert torch.equal(head(logits[:, :, :1], boxes[:, :, :1], text, pad), logits[:, :, :1]), "one query: no other"
+
+
+@pytest.mark.parametrize("relation,referent", [("left of", 0), ("right of", 1)])
+def test_relation_head_raises_the_object_on_the_named_side_of_the_anchor(relation, referent):
+    """Two red circles left and right of one blue square: "the red circle <relation> the blue square"."""
+    head = RelationHead(d_model=3)  # text features: one dimension per role (head words, relation word, anchor)
+    text = torch.eye(3)[:, None, :]  # [L=3, B=1, d]: token 0 "red circle", 1 the relation, 2 "blue square"
+    pad = torch.zeros(1, 3, dtype=torch.bool)
+    with torch.no_grad():
+        head.anchor_token.weight.copy_(torch.tensor([[0.0, 0.0, 20.0]]))
+        head.relation_token.weight.copy_(torch.tensor([[0.0, 20.0, 0.0]]))
+        head.direction.weight[0, 1] = 1.0 if relation == "left of" else -1.0  # the anchor lies right: +x
+    boxes = torch.tensor([[[0.2, 0.5, 0.1, 0.1], [0.8, 0.5, 0.1, 0.1], [0.5, 0.45, 0.1, 0.1]]])
+    logits = torch.full((1, 3, 256), -1e4)
+    logits[..., -1] = 0.0
+    logits[0, :2, 0] = 1.0  # both circles match the head words equally
+    logits[0, 2, 2] = 8.0  # the square matches the anchor words
+    bonus = head.bonus(logits, boxes, text, pad)[0]
+    assert bonus[referent] > 7.0 and bonus[1 - referent] < -7.0, bonus
+    assert abs(bonus[2]) < 1e-3, "the anchor sees both circles, on opposite sides"
+    objectness = 1 - head(logits, boxes, text, pad).softmax(-1)[0, :, -1]
+    assert objectness[referent] > 0.99 and objectness[1 - referent] < 0.01
+
+
+def test_relation_head_in_the_model_moves_every_layer_and_trains():
+    torch.manual_seed(0)
+    plain = build_mdetr(**TINY, pretrained_backbone=False).eval()
+    model = build_mdetr(**TINY, pretrained_backbone=False, relation_head=True).eval()
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == sorted(f"relation_head.{n}" for n, _ in
+                                                       model.relation_head.named_parameters())
+    images, mask = images_and_mask()
+    with torch.no_grad():
+        before = plain(images, mask, CAPTIONS)
+        assert_close(model(images, mask, CAPTIONS)["pred_logits"], before["pred_logits"], what="starts as without")
+        nn.init.normal_(model.relation_head.direction.weight, std=0.03)
+        after = model(images, mask, CAPTIONS)
+    for new, old in [(after, before)] + list(zip(after["aux_outputs"], before["aux_outputs"])):
+        assert_close(new["pred_logits"][..., :-1], old["pred_logits"][..., :-1], what="token columns")
+        assert_close(new["pred_boxes"], old["pred_boxes"], what="boxes")
+        assert (new["pred_logits"][..., -1] - old["pred_logits"][..., -1]).abs().max() > 1e-3
+    model.train()
+    out = model(images, mask, CAPTIONS)
+    (out["pred_logits"][..., -1].sum() + out["aux_outputs"][0]["pred_logits"][..., -1].sum()).backward()
+    for name, param in model.relation_head.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    length = out["tokenized"]["input_ids"].shape[1]
+    assert model.class_embed.weight.grad[:length].abs().sum() > 0, "the token logits, through the alpha scores"

@@ -166,8 +166,9 @@ def _shapes(cfg: Config) -> None:
       every 15-minute run stayed in DETR's early plateau (the same boxes for every image, precision@1 0.005);
       anchored queries start localized;
     - soft-token logits from query-token similarity (``model.token_head="similarity"``) instead of a Linear over
-      the 256 slots, which must learn where in the caption each word sits;
-    The ``refexp`` preset adds a relation head (``model.relation_head``)."""
+      the 256 slots, which must learn where in the caption each word sits.
+
+    The ``refexp`` preset adds a third, a relation head (``model.relation_head``)."""
     cfg.data.num_train = 3000  # without augmentation, 900 images were memorized within ~1500 steps
     cfg.data.transforms = "shapes"  # images at short side 224: at 160 px 17% of val expressions had their top box
     # on the right (mostly small) object but at GIoU < 0.5; per minute 224 px wins despite 40% fewer steps

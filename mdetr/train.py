@@ -96,7 +96,8 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
 
     model = build_from_config(cfg.model, attention_backend=backends["attention"],
                               qa_no_object_weight=cfg.loss.eos_coef).to(device)
-    criterion = build_criterion(cfg.loss, cfg.model.dec_layers, cfg.model.qa_dataset, backends)
+    criterion = build_criterion(cfg.loss, cfg.model.dec_layers, cfg.model.qa_dataset, backends,
+                                appearance_head=cfg.model.appearance_head)
     optimizer = make_optimizer(model, cfg.optim, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
     state = TrainState()

@@ -24,20 +24,33 @@ def make_batch(num_targets, seed=0):
     return {"boxes": boxes, "positive_map": posmap, "num_targets": torch.tensor(num_targets)}
 
 
-def make_outputs(seed=1):
+def make_outputs(seed=1, appearance=False):
+    """Random outputs of LAYERS decoder layers; ``appearance``: with AppearanceHead's looks and words (not
+    normalized, as the head's) and a caption whose last tokens are padding."""
     g = torch.Generator().manual_seed(seed)
 
     def layer():
         q = torch.nn.functional.normalize(torch.randn(B, Q, D, generator=g), dim=-1)
-        return {"pred_logits": torch.randn(B, Q, C, generator=g), "pred_boxes": torch.rand(B, Q, 4, generator=g) * 0.5 + 0.25,
-                "proj_queries": q}
+        out = {"pred_logits": torch.randn(B, Q, C, generator=g),
+               "pred_boxes": torch.rand(B, Q, 4, generator=g) * 0.5 + 0.25, "proj_queries": q}
+        if appearance:
+            out["appearance_looks"] = torch.randn(B, Q, 5, generator=g) * 2
+        return out
 
     tokens = torch.nn.functional.normalize(torch.randn(B, L, D, generator=g), dim=-1)
+    shared = {"proj_tokens": tokens}
+    if appearance:
+        attention = torch.ones(B, L, dtype=torch.long)
+        attention[0, L - 3:] = 0
+        attention[2, L - 1:] = 0
+        shared["appearance_words"] = torch.randn(B, L, 5, generator=g).masked_fill(~attention.bool()[..., None], 0)
     layers = [layer() for _ in range(LAYERS)]
     for out in layers:
-        out["proj_tokens"] = tokens
+        out.update(shared)
         for v in out.values():
             v.requires_grad_(True)
+        if appearance:
+            out["tokenized"] = {"attention_mask": attention}
     final = dict(layers[-1])
     final["aux_outputs"] = layers[:-1]
     return final
@@ -78,19 +91,30 @@ def literal_losses(out, batch, cfg: LossConfig):
     positive_logits = -logits.masked_fill(~pos, 0)
     b2t = ((positive_logits.sum(2) / (pos.sum(2) + 1e-6) + logits.logsumexp(2)).masked_fill(~pos.any(2), 0)).sum()
     t2b = ((positive_logits.sum(1) / (pos.sum(1) + 1e-6) + logits.logsumexp(1)).masked_fill(~pos.any(1), 0)).sum()
-    return {"loss_ce": loss_ce, "loss_bbox": l1 / num_boxes, "loss_giou": giou / num_boxes,
-            "loss_contrastive_align": (b2t + t2b) / 2 / num_boxes}
+    losses = {"loss_ce": loss_ce, "loss_bbox": l1 / num_boxes, "loss_giou": giou / num_boxes,
+              "loss_contrastive_align": (b2t + t2b) / 2 / num_boxes}
+    if "appearance_looks" in out:  # the same at temperature 1, padded tokens out of every sum
+        valid = out["tokenized"]["attention_mask"].bool()[:, None, :]  # [B, 1, L]
+        pos = pos & valid
+        logits = out["appearance_looks"] @ out["appearance_words"].transpose(-1, -2)
+        positive_logits = -logits.masked_fill(~pos, 0)
+        over_tokens = logits.masked_fill(~valid, float("-inf")).logsumexp(2)
+        b2t = ((positive_logits.sum(2) / (pos.sum(2) + 1e-6) + over_tokens).masked_fill(~pos.any(2), 0)).sum()
+        t2b = ((positive_logits.sum(1) / (pos.sum(1) + 1e-6) + logits.logsumexp(1)).masked_fill(~pos.any(1), 0)).sum()
+        losses["loss_appearance_align"] = (b2t + t2b) / 2 / num_boxes
+    return losses
 
 
 BACKENDS = REFERENCE_BACKENDS
 
 
+@pytest.mark.parametrize("appearance", [False, True])
 @pytest.mark.parametrize("num_targets", [[2, 1, 4], [0, 3, 1], [0, 0, 0]])
-def test_criterion_equals_literal_reference(num_targets):
-    cfg = LossConfig()
+def test_criterion_equals_literal_reference(num_targets, appearance):
+    cfg = LossConfig(appearance_align=0.5)
     batch = make_batch(num_targets)
-    outputs = make_outputs()
-    criterion = build_criterion(cfg, LAYERS, None, BACKENDS)
+    outputs = make_outputs(appearance=appearance)
+    criterion = build_criterion(cfg, LAYERS, None, BACKENDS, appearance_head=appearance)
     losses = criterion(outputs, batch)
     layers = outputs["aux_outputs"] + [outputs]
     for k, layer in enumerate(layers):
@@ -103,6 +127,11 @@ def test_criterion_equals_literal_reference(num_targets):
     total = criterion.total(losses)
     total.backward()
     assert torch.isfinite(outputs["pred_boxes"].grad).all()
+    if appearance:
+        assert criterion.weight_dict["loss_appearance_align_0"] == 0.5
+        if sum(num_targets):
+            assert outputs["appearance_looks"].grad.abs().sum() > 0
+            assert outputs["appearance_words"].grad[0, L - 3:].abs().sum() == 0, "padded tokens get no gradient"
     expected_total = sum(losses[k] * w for k, w in criterion.weight_dict.items())
     torch.testing.assert_close(total, expected_total)
 
@@ -113,6 +142,12 @@ def test_weight_dict_names_every_layer():
     assert "loss_ce_5" not in crit.weight_dict and "loss_contrastive_align_0" in crit.weight_dict
     no_aux = build_criterion(LossConfig(aux_loss=False), 6, None, BACKENDS)
     assert sorted(no_aux.weight_dict) == ["loss_bbox", "loss_ce", "loss_contrastive_align", "loss_giou"]
+
+
+def test_appearance_align_needs_the_heads_outputs():
+    crit = build_criterion(LossConfig(), LAYERS, None, BACKENDS, appearance_head=True)
+    with pytest.raises(ValueError, match="appearance_head=True"):
+        crit(make_outputs(), make_batch([1, 1, 1]))
 
 
 def test_query_targets_inverts_matching():

@@ -12,6 +12,7 @@ import math
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from torch import nn
 
@@ -1102,19 +1103,27 @@ def test_relation_head_raises_the_object_on_the_named_side_of_the_anchor(relatio
     assert objectness[referent] > 0.99 and objectness[1 - referent] < 0.01
 
 
-def test_relation_head_in_the_model_moves_every_layer_and_trains():
+def model_with_a_new_head(head: str, start: str):
+    """A tiny model with the head ``head`` (a build_mdetr flag, also the module's name), loaded from one without it:
+    it starts with the same outputs. Then its Linear ``start`` (zero at first) gets random weights. Returns the
+    model, the images and mask, and the outputs before and after."""
     torch.manual_seed(0)
     plain = build_mdetr(**TINY, pretrained_backbone=False).eval()
-    model = build_mdetr(**TINY, pretrained_backbone=False, relation_head=True).eval()
+    model = build_mdetr(**TINY, pretrained_backbone=False, **{head: True}).eval()
     missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and sorted(missing) == sorted(f"relation_head.{n}" for n, _ in
-                                                       model.relation_head.named_parameters())
+    assert not unexpected and sorted(missing) == sorted(f"{head}.{n}" for n, _ in
+                                                       getattr(model, head).named_parameters())
     images, mask = images_and_mask()
     with torch.no_grad():
         before = plain(images, mask, CAPTIONS)
         assert_close(model(images, mask, CAPTIONS)["pred_logits"], before["pred_logits"], what="starts as without")
-        nn.init.normal_(model.relation_head.direction.weight, std=0.03)
+        nn.init.normal_(getattr(getattr(model, head), start).weight, std=0.03)
         after = model(images, mask, CAPTIONS)
+    return model, images, mask, before, after
+
+
+def test_relation_head_in_the_model_moves_every_layer_and_trains():
+    model, images, mask, before, after = model_with_a_new_head("relation_head", "direction")
     for new, old in [(after, before)] + list(zip(after["aux_outputs"], before["aux_outputs"])):
         assert_close(new["pred_logits"][..., :-1], old["pred_logits"][..., :-1], what="token columns")
         assert_close(new["pred_boxes"], old["pred_boxes"], what="boxes")
@@ -1126,3 +1135,121 @@ def test_relation_head_in_the_model_moves_every_layer_and_trains():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     length = out["tokenized"]["input_ids"].shape[1]
     assert model.class_embed.weight.grad[:length].abs().sum() > 0, "the token logits, through the alpha scores"
+
+
+# ---- how each detection looks, against the caption's words (model.appearance_head) -------------------------
+
+from mdetr.models.mdetr import AppearanceHead  # noqa: E402
+
+
+@torch.no_grad()
+def appearance_scores_loops(head, boxes, features, valid, images, images_valid, text, pad):
+    """AppearanceHead's documented score, one box at a time, for boxes whose samples fall on pixel (and cell)
+    centres: each sample is then one pixel of the image (one cell of the map), read by indexing."""
+    scores = torch.zeros(*boxes.shape[:-1], text.shape[0])
+    steps = (torch.arange(head.GRID) + 0.5) / head.GRID - 0.5
+    for index in itertools.product(*map(range, boxes.shape[:-1])):
+        b = index[-2]
+        cx, cy, w, h = boxes[index].tolist()
+        pixels = [images[b, :, round((cy + dy * h * head.SPAN) * images_valid[b, 1].item() - 0.5),
+                         round((cx + dx * w * head.SPAN) * images_valid[b, 0].item() - 0.5)]
+                  for dy in steps.tolist() for dx in steps.tolist()]
+        centre = features[b, :, round(cy * valid[b, 1].item() - 0.5), round(cx * valid[b, 0].item() - 0.5)]
+        look = head.look(F.relu(head.look_hidden(torch.cat(pixels + [centre]))))
+        for t in range(text.shape[0]):
+            if not pad[b, t]:
+                scores[index + (t,)] = head.RATE * head.word(text[t, b]) @ look / math.sqrt(look.shape[0])
+    return scores
+
+
+def test_appearance_head_starts_as_the_identity_and_matches_its_formula_with_padding():
+    torch.manual_seed(0)
+    head = AppearanceHead(d_model=8, dim=4)
+    # images 2 x 3 x 30 x 40 with the second padded to 20 x 30 pixels; the feature map as fine as the pixels
+    images, features = torch.randn(2, 3, 30, 40), torch.randn(2, 8, 30, 40)
+    valid = torch.tensor([[40.0, 30.0], [30.0, 20.0]])
+    # boxes 10 px wide and high centred on pixel centres: the 3 x 3 samples over their central 0.3 lie 1 px apart
+    grid_x, grid_y = torch.randint(2, 28, (2, 2, 3)), torch.randint(2, 18, (2, 2, 3))
+    width, height = valid[None, :, None, 0], valid[None, :, None, 1]  # [1, B, 1]
+    boxes = torch.stack([(grid_x + 0.5) / width, (grid_y + 0.5) / height, (10 / width).expand(2, 2, 3),
+                         (10 / height).expand(2, 2, 3)], -1)  # [layers 2, B 2, Q 3, 4]
+    assert abs(head.SPAN * 10 / head.GRID - 1.0) < 1e-6, "the samples must be 1 px apart for the loop reference"
+    text, pad = torch.randn(5, 2, 8), torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    logits = torch.randn(2, 2, 3, 256)
+    logits[:, 1, :, 3:5] = -1e4  # TokenSimilarityHead's FILL at the padded tokens
+    args = (features, valid, images, valid, text, pad)
+    assert torch.equal(head(logits, boxes, *args)[0], logits), "the word Linear starts at zero: logits unchanged"
+    nn.init.normal_(head.word.weight, std=0.1)
+    out, looks, words = head(logits, boxes, *args)
+    assert_close(looks @ words.transpose(-1, -2), out[..., :5] - logits[..., :5], what="s = looks @ words^T")
+    assert torch.equal(out[..., 5:], logits[..., 5:]), "the slots after the caption and no-object stay"
+    assert torch.equal(out[:, 1, :, 3:5], logits[:, 1, :, 3:5]), "padded tokens stay"
+    assert_close(out[..., :5] - logits[..., :5], appearance_scores_loops(head, boxes, *args), atol=1e-4, rtol=1e-4,
+                 what="scores")
+    far = images.clone()
+    far[1, :, 20:] = 99.0
+    far[1, :, :, 30:] = 99.0
+    assert_close(head(logits, boxes, features, valid, far, valid, text, pad)[0], out, what="padding never read")
+
+
+def test_appearance_head_learns_which_box_has_the_named_colour():
+    """One red and one blue square, "red" or "blue": trained on nothing but its own score, the head ranks the box of
+    the named colour first, for boxes and colours it has not seen."""
+    torch.manual_seed(0)
+    head = AppearanceHead(d_model=4, dim=8)
+    words = torch.eye(4)[:2]  # token features of "red" and "blue"
+    colours = torch.tensor([[2.0, -1.0, -1.0], [-1.0, -1.0, 2.0]])
+
+    def scene(batch):
+        images = torch.randn(batch, 3, 32, 32) * 0.2
+        boxes = torch.zeros(batch, 2, 4)
+        for b in range(batch):
+            xs = torch.randperm(3)[:2] * 10 + 6  # two squares of 6 px on one row, in random order
+            for q, x in enumerate(xs.tolist()):
+                images[b, :, 12:18, x - 3: x + 3] += colours[q][:, None, None]
+                boxes[b, q] = torch.tensor([x / 32, 15 / 32, 6 / 32, 6 / 32])
+        named = torch.randint(0, 2, (batch,))
+        text = words[named][None]  # [L=1, B, d]
+        valid = torch.full((batch, 2), 32.0)
+        features = torch.zeros(batch, 4, 32, 32)
+        return boxes, (features, valid, images, valid, text, torch.zeros(batch, 1, dtype=torch.bool)), named
+
+    def accuracy(batch=64):
+        boxes, args, named = scene(batch)
+        scores = head.scores(boxes, *args)[..., 0]  # [B, 2]: box 0 red, box 1 blue
+        return (scores.argmax(-1) == named).float().mean().item()
+
+    assert accuracy() < 0.9
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(60):
+        boxes, args, named = scene(16)
+        loss = F.cross_entropy(head.scores(boxes, *args)[..., 0], named)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert accuracy() == 1.0
+
+
+def test_appearance_head_in_the_model_moves_every_layer_and_trains():
+    model, images, mask, before, after = model_with_a_new_head("appearance_head", "word")
+    for layer in [after] + after["aux_outputs"]:  # for loss_appearance_align
+        assert layer["appearance_looks"].shape == (*layer["pred_logits"].shape[:2], 64)
+        assert layer["appearance_words"].shape == (len(CAPTIONS), after["tokenized"]["input_ids"].shape[1], 64)
+    tokens = after["tokenized"]["attention_mask"].bool()  # [B, L]
+    length = tokens.shape[1]
+    for new, old in [(after, before)] + list(zip(after["aux_outputs"], before["aux_outputs"])):
+        moved = (new["pred_logits"] - old["pred_logits"]).abs()
+        assert torch.equal(moved[..., length:], torch.zeros_like(moved[..., length:])), "slots after, no-object"
+        assert torch.equal(moved[..., :length][~tokens[:, None, :].expand_as(moved[..., :length])],
+                           torch.zeros(int((~tokens).sum()) * moved.shape[1])), "padded tokens"
+        assert moved[..., :length].amax(-1).min() > 1e-4, "every query's caption tokens"
+        assert_close(new["pred_boxes"], old["pred_boxes"], what="boxes")
+    model.train()
+    out = model(images, mask, CAPTIONS)
+    (out["pred_logits"].logsumexp(-1).sum() + out["aux_outputs"][0]["pred_logits"].logsumexp(-1).sum()).backward()
+    for name, param in model.appearance_head.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert model.input_proj.weight.grad is not None, "the box-centre features train input_proj"
+    with pytest.raises(ValueError, match="^appearance_head reads the images' pixels"):
+        model.encode_features(*model.backbone(images, mask), CAPTIONS)

@@ -1,6 +1,7 @@
 """Training end to end on tiny settings: the loss falls, resume is exact (also within an epoch), 2-process DDP
 (gloo) gives the gradients of one process, and a 2-process run stops and resumes together."""
 import json
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -54,6 +55,17 @@ def test_tiny_run_loss_falls_and_writes_artifacts(shapes_root, tmp_path):
         assert (out / name).exists(), name
     assert "precision@1" in result["metrics"]
     assert C.resolve("shapes", str(out / "config.yaml"), []) == cfg
+
+
+def test_a_run_with_the_appearance_head_trains_its_contrastive_loss(shapes_root, tmp_path):
+    cfg = tiny_config(shapes_root, str(tmp_path / "run"), **{"optim.epochs": 1, "model.appearance_head": True,
+                                                             "loss.appearance_align": 2.0})
+    result = run(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert train and all(math.isfinite(r["loss_appearance_align"]) and "loss_appearance_align_0" in r
+                         for r in train)
+    assert result["state"].step == len(train)
 
 
 def test_time_limit_stops_mid_epoch_then_validates_and_saves(shapes_root, tmp_path, capsys):

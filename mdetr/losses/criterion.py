@@ -10,8 +10,9 @@ image, ``C`` = 256 token slots, ``L`` caption tokens in this batch, ``D`` contra
   sample in the data pipeline), ``num_targets`` [B].
 
 Everything after the matcher is tensor code: no Python loop over boxes or layers, no host sync. Loss names follow
-the reference: ``loss_ce``, ``loss_bbox``, ``loss_giou``, ``loss_contrastive_align`` for the last layer and the
-same with suffix ``_0`` .. ``_{N-2}`` for the auxiliary layers.
+the reference: ``loss_ce``, ``loss_bbox``, ``loss_giou``, ``loss_contrastive_align`` (and ours,
+``loss_appearance_align``) for the last layer and the same with suffix ``_0`` .. ``_{N-2}`` for the auxiliary
+layers.
 """
 from __future__ import annotations
 
@@ -63,17 +64,23 @@ class SetCriterion(nn.Module):
 
     Args:
         matcher: ``detr_kernels.matcher.HungarianMatcher`` (its backend is the matcher backend).
-        loss_weights: base weights by name: ``ce``, ``bbox``, ``giou``, ``contrastive_align``, ``qa``.
+        loss_weights: base weights by name: ``ce``, ``bbox``, ``giou``, ``contrastive_align``, ``qa`` (and
+            ``appearance_align`` with ``use_appearance_align``).
         eos_coef: weight of the no-object target of unmatched queries.
         temperature: contrastive-alignment temperature.
         use_contrastive_align: add ``loss_contrastive_align``.
+        use_appearance_align: add ``loss_appearance_align`` (weight ``appearance_align``), the contrastive loss of
+            ``AppearanceHead``'s looks and words (outputs ``appearance_looks`` [B, Q, dim] per layer and
+            ``appearance_words`` [B, L, dim], whose product is the head's logits: temperature 1), with the text
+            padding masked (``tokenized["attention_mask"]``).
         backends: ``{"contrastive": ..., "soft_token": ...}`` passed to ``detr_kernels``.
         qa_dataset: None, "clevr" or "gqa".
     """
 
     def __init__(self, matcher: HungarianMatcher, loss_weights: Dict[str, float], num_layers: int,
                  eos_coef: float = 0.1, temperature: float = 0.07, use_contrastive_align: bool = True,
-                 backends: Optional[Dict[str, str]] = None, qa_dataset: Optional[str] = None):
+                 backends: Optional[Dict[str, str]] = None, qa_dataset: Optional[str] = None,
+                 use_appearance_align: bool = False):
         super().__init__()
         self.matcher = matcher
         self.eos_coef = eos_coef
@@ -82,7 +89,9 @@ class SetCriterion(nn.Module):
         self.backends = {"contrastive": "reference", "soft_token": "reference", **(backends or {})}
         self.qa_dataset = qa_dataset
         self.num_layers = num_layers
-        names = ["ce", "bbox", "giou"] + (["contrastive_align"] if use_contrastive_align else [])
+        self.use_appearance_align = use_appearance_align
+        names = (["ce", "bbox", "giou"] + (["contrastive_align"] if use_contrastive_align else [])
+                 + (["appearance_align"] if use_appearance_align else []))
         self.weight_dict: Dict[str, float] = {}
         for layer in range(num_layers):
             suffix = "" if layer == num_layers - 1 else f"_{layer}"
@@ -119,6 +128,16 @@ class SetCriterion(nn.Module):
             per_layer["loss_contrastive_align"] = detr_kernels.contrastive_align_loss(
                 queries, tokens, query_map[..., : tokens.shape[1]], num_boxes, temperature=self.temperature,
                 backend=self.backends["contrastive"])
+        if self.use_appearance_align:
+            if "appearance_looks" not in outputs:
+                raise ValueError("use_appearance_align: the outputs have no 'appearance_looks'; the model needs "
+                                 "appearance_head=True")
+            words = outputs["appearance_words"].float()  # [B, L, dim]
+            looks = stack_layers(outputs, "appearance_looks", self.num_layers).float()  # [N, B, Q, dim]
+            padding = ~outputs["tokenized"]["attention_mask"].bool().to(words.device)
+            per_layer["loss_appearance_align"] = detr_kernels.contrastive_align_loss(
+                looks, words, query_map[..., : words.shape[1]], num_boxes, temperature=1.0, token_mask=padding,
+                backend=self.backends["contrastive"])
         for base, values in per_layer.items():  # values: [N]
             for name, value in zip(self.layer_names(base), values.unbind(0)):
                 losses[name] = value
@@ -146,14 +165,16 @@ class SetCriterion(nn.Module):
 
 
 def build_criterion(loss_cfg, num_decoder_layers: int, qa_dataset: Optional[str],
-                    backends: Dict[str, str]) -> SetCriterion:
-    """The criterion for a config; ``backends`` names the matcher, contrastive and soft-token backends."""
+                    backends: Dict[str, str], appearance_head: bool = False) -> SetCriterion:
+    """The criterion for a config; ``backends`` names the matcher, contrastive and soft-token backends;
+    ``appearance_head``: the model has one (``model.appearance_head``), so its contrastive loss is added."""
     matcher = HungarianMatcher(cost_class=loss_cfg.cost_class, cost_bbox=loss_cfg.cost_bbox,
                                cost_giou=loss_cfg.cost_giou, backend=backends["matcher"])
     weights = dict(ce=loss_cfg.ce, bbox=loss_cfg.bbox, giou=loss_cfg.giou,
-                   contrastive_align=loss_cfg.contrastive_align, qa=loss_cfg.qa)
+                   contrastive_align=loss_cfg.contrastive_align, appearance_align=loss_cfg.appearance_align,
+                   qa=loss_cfg.qa)
     return SetCriterion(matcher, weights, num_layers=num_decoder_layers if loss_cfg.aux_loss else 1,
                         eos_coef=loss_cfg.eos_coef, temperature=loss_cfg.temperature,
                         use_contrastive_align=loss_cfg.use_contrastive_align,
                         backends={"contrastive": backends["contrastive"], "soft_token": backends["soft_token"]},
-                        qa_dataset=qa_dataset)
+                        qa_dataset=qa_dataset, use_appearance_align=appearance_head)

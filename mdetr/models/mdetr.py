@@ -312,6 +312,76 @@ class RelationHead(nn.Module):
         return torch.cat([logits[..., :-1], logits[..., -1:] - bonus[..., None]], -1)
 
 
+class AppearanceHead(nn.Module):
+    """How each detection looks, against each word of the caption (``appearance_head``; not in MDETR; a late-fusion
+    region-word score, as the matching of MAttNet's attribute module): every layer's token logits get
+
+        s_qt = RATE * <look(q), word(x_t)> / sqrt(dim)
+
+    look(q): an MLP over the image's own pixels on a GRID x GRID grid over the central SPAN of query q's box (the
+    boxes detached: where to look is not trained here) and the projected backbone features at the box centre;
+    word(x_t): a Linear of token t's features (the caption's own, after the resizer, as ``RelationHead`` reads).
+    Added to a token logit, s raises that token's probability and lowers the no-object probability of a box that
+    looks like the word says, and the reverse for one that does not.
+
+    The same looks and words also enter a contrastive loss of their own (``loss_appearance_align``; MDETR's
+    contrastive alignment with s as its logits, temperature 1, padded tokens masked): its tokens-to-boxes half is a
+    softmax over the queries, which teaches the look of the box a word names apart from the other boxes' looks. The
+    soft-token loss alone teaches s mostly on the matched boxes (the unmatched ones weigh ``eos_coef``, 0.1).
+
+    Why a head: among referring-expression misses, most top boxes sit on an object of the named shape in another
+    colour (README). The backbone features hold the colour (a linear probe reads it at 0.94), but the cross encoder
+    and decoder wash most of it out (0.58 and 0.36 at the decoder's first and last layers), and neither giving the
+    cross encoder the pixels' colours nor handing the box-centre features back to the decoder's outputs closed the
+    gap. Here the box's look meets the words without passing through either.
+
+    ``word`` starts at zero (s = 0: a model loaded without this head starts with its own outputs); ``look`` starts
+    at random, so that the gradient reaches ``word`` from the first step. In float32 or wider."""
+
+    GRID = 3  # pixel samples per side
+    SPAN = 0.3  # of the box's width and height, around its centre: inside the shapes world's stars and triangles
+    RATE = 10.0  # as RelationHead's: the word Linear's output is multiplied by this, so that Adam moves it in time
+
+    def __init__(self, d_model: int, dim: int = 64):
+        super().__init__()
+        self.look_hidden = nn.Linear(3 * self.GRID ** 2 + d_model, d_model)
+        self.look = nn.Linear(d_model, dim)
+        self.word = nn.Linear(d_model, dim)
+        nn.init.zeros_(self.word.weight)
+        nn.init.zeros_(self.word.bias)
+
+    def embeddings(self, boxes: Tensor, features: Tensor, valid: Tensor, images: Tensor, images_valid: Tensor,
+                   text: Tensor, text_padding_mask: Tensor) -> Tuple[Tensor, Tensor]:
+        """boxes [..., B, Q, 4] (cxcywh, relative), projected features [B, d, h, w] with their unpadded size in cells
+        [B, 2], images [B, 3, H, W] with theirs in pixels, the caption's token features text [L, B, d] and
+        text_padding_mask [B, L] (True = pad) -> looks [..., B, Q, dim] and words [B, L, dim] (float32; words
+        scaled by RATE / sqrt(dim) and 0 at pads), so that s = looks @ words^T."""
+        with torch.autocast(boxes.device.type, enabled=False):
+            where = boxes.detach().float()
+            lead, (batch, queries) = where.shape[:-3], where.shape[-3:-1]
+            where = where.movedim(-3, 0).reshape(batch, -1, 4)  # [B, (...) * Q, 4]
+            pixels = sample_feature_map(images.float(), box_grid_points(where, self.GRID, self.SPAN), images_valid)
+            centre = sample_feature_map(features.float(), where[..., :2], valid)
+            look = torch.cat([pixels.reshape(*where.shape[:2], -1), centre], -1)
+            look = _float_linear(self.look, F.relu(_float_linear(self.look_hidden, look)))  # [B, (...) * Q, dim]
+            look = look.reshape(batch, *lead, queries, -1).movedim(0, -3)  # [..., B, Q, dim]
+            words = _float_linear(self.word, text.transpose(0, 1).float()) * (self.RATE / math.sqrt(look.shape[-1]))
+            return look, words.masked_fill(text_padding_mask.bool()[..., None], 0.0)  # [B, L, dim]
+
+    def scores(self, *args: Tensor) -> Tensor:
+        """``embeddings``' arguments -> s [..., B, Q, L] (float32; 0 at pads)."""
+        looks, words = self.embeddings(*args)
+        return looks @ words.transpose(-1, -2)
+
+    def forward(self, logits: Tensor, boxes: Tensor, features: Tensor, valid: Tensor, images: Tensor,
+                images_valid: Tensor, text: Tensor, text_padding_mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """The logits [..., B, Q, slots + 1] with s added to their first L (token) columns, and ``embeddings``."""
+        looks, words = self.embeddings(boxes, features, valid, images, images_valid, text, text_padding_mask)
+        scores = (looks @ words.transpose(-1, -2)).to(logits.dtype)
+        length = scores.shape[-1]
+        return torch.cat([logits[..., :length] + scores, logits[..., length:]], -1), looks, words
+
+
 class MDETR(nn.Module):
     """Modulated detection. ``forward(images, mask, captions)`` = ``decode(encode(images, mask, captions))``.
 
@@ -346,13 +416,15 @@ class MDETR(nn.Module):
             sampled over each box; ``pred_boxes`` are the refined boxes, the auxiliary layers' are not refined.
         relation_head: False (the reference); True (not in MDETR): ``RelationHead`` moves every layer's no-object
             logits by where each box lies, in the direction the caption names, from the objects its words pick.
+        appearance_head: False (the reference); True (not in MDETR): ``AppearanceHead`` adds to every layer's token
+            logits a score of how each box's pixels and features match each word.
     """
 
     def __init__(self, backbone: Joiner, transformer: Transformer, num_queries: int = 100, num_classes: int = 255,
                  contrastive_align_dim: int = 64, qa_dataset: Optional[str] = None, clevr_attr_classes: int = 15,
                  predict_final: bool = False, query_grid: int = 0, token_head: str = "linear",
                  box_refine: bool = False, qa_layer: int = 0, qa_readout: str = "slots", box_roi: str = "none",
-                 qa_no_object_weight: float = 0.1, relation_head: bool = False):
+                 qa_no_object_weight: float = 0.1, relation_head: bool = False, appearance_head: bool = False):
         super().__init__()
         layers = len(transformer.decoder.layers)
         if not -layers <= qa_layer < layers:
@@ -405,6 +477,7 @@ class MDETR(nn.Module):
         self.box_roi = box_roi
         self.box_roi_refiner = None if box_roi == "none" else BoxRoIRefiner(d_model, pixels=box_roi == "pixels")
         self.relation_head = RelationHead(d_model) if relation_head else None
+        self.appearance_head = AppearanceHead(d_model) if appearance_head else None
 
     def encode(self, images: Tensor, mask: Tensor, captions: Sequence[str]) -> Dict[str, Any]:
         """images [B, 3, H, W], mask [B, H, W] (True = pad), captions: B strings -> memory cache (see
@@ -415,21 +488,26 @@ class MDETR(nn.Module):
                         images: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Dict[str, Any]:
         """``encode`` after the backbone, from its outputs ``self.backbone(images, mask)``: features [B, C, h, w],
         feature_mask [B, h, w] (True = pad), pos [B, d, h, w], and B captions -> memory cache. ``images`` and
-        ``mask`` (B or 1 of them) are needed only by ``box_roi="pixels"``, which reads the boxes' pixels.
+        ``mask`` (B or 1 of them) are needed only by ``box_roi="pixels"`` and ``appearance_head``, which read the
+        boxes' pixels.
 
         The cross encoder needs image and text jointly, the backbone only the image: several captions of one
         image share one backbone pass by expanding its B = 1 outputs to the number of captions."""
-        if self.box_roi == "pixels" and (images is None or mask is None):
-            raise ValueError("box_roi='pixels' reads the images' pixels: pass images= and mask= to encode_features")
+        readers = [name for name, reads in (("box_roi='pixels'", self.box_roi == "pixels"),
+                                            ("appearance_head", self.appearance_head is not None)) if reads]
+        reads_pixels = bool(readers)
+        if reads_pixels and (images is None or mask is None):
+            raise ValueError(f"{' and '.join(readers)} {'reads' if len(readers) == 1 else 'read'} the images' pixels: "
+                             f"pass images= and mask= to encode_features")
         learned = [] if self.query_embed is None else [self.query_embed.weight]
         if self.qa_heads:
             learned.append(self.qa_embed.weight)
         query_embed = torch.cat(learned, 0) if learned else pos.new_zeros(0, pos.shape[1])
         projected = self.input_proj(features)
         cache = self.transformer.encode(projected, feature_mask, pos, query_embed, captions)
-        if self.qa_object_readout is not None or self.box_roi_refiner is not None:
+        if reads_pixels or self.qa_object_readout is not None or self.box_roi_refiner is not None:
             cache.update(image_features=projected, image_valid=unpadded_cells(feature_mask).to(pos.dtype))
-        if self.box_roi == "pixels":
+        if reads_pixels:
             batch = features.shape[0]
             cache.update(images=images.expand(batch, -1, -1, -1),
                          images_valid=unpadded_cells(mask).to(pos.dtype).expand(batch, -1))
@@ -495,6 +573,11 @@ class MDETR(nn.Module):
         if self.relation_head is not None:
             outputs_class = self.relation_head(outputs_class, outputs_coord, memory_cache["text_memory_resized"],
                                                memory_cache["text_attention_mask"])
+        if self.appearance_head is not None:
+            outputs_class, looks, words = self.appearance_head(
+                outputs_class, outputs_coord, memory_cache["image_features"], memory_cache["image_valid"],
+                memory_cache["images"], memory_cache["images_valid"], memory_cache["text_memory_resized"],
+                memory_cache["text_attention_mask"])
         if self.qa_object_readout is not None:
             terms = self.qa_object_readout(hs[-1], outputs_class[-1], outputs_coord[-1],
                                            memory_cache["image_features"], memory_cache["image_valid"],
@@ -512,6 +595,10 @@ class MDETR(nn.Module):
             out.update(proj_queries=proj_queries[-1], proj_tokens=proj_tokens)
             for aux, queries in zip(out["aux_outputs"], proj_queries[:-1]):
                 aux.update(proj_queries=queries, proj_tokens=proj_tokens)
+        if self.appearance_head is not None:  # for loss_appearance_align
+            out.update(appearance_looks=looks[-1], appearance_words=words)
+            for aux, layer_looks in zip(out["aux_outputs"], looks[:-1]):
+                aux.update(appearance_looks=layer_looks, appearance_words=words)
         if self.isfinal_embed is not None:
             outputs_isfinal = self.isfinal_embed(hs)
             out["pred_isfinal"] = outputs_isfinal[-1]
@@ -532,7 +619,8 @@ def build_mdetr(backbone: str = "tf_efficientnet_lite0", pretrained_backbone: bo
                 contrastive_align_dim: int = 64, qa_dataset: Optional[str] = None, clevr_attr_classes: int = 15,
                 predict_final: bool = False, query_grid: int = 0, token_head: str = "linear", box_refine: bool = False,
                 qa_layer: int = 0, qa_readout: str = "slots", spatial_attention: str = "none", box_roi: str = "none",
-                qa_no_object_weight: float = 0.1, relation_head: bool = False, attention_backend: str = "reference",
+                qa_no_object_weight: float = 0.1, relation_head: bool = False, appearance_head: bool = False,
+                attention_backend: str = "reference",
                 load_backbone_weights: bool = True, text_encoder_config: Optional[PretrainedConfig] = None) -> MDETR:
     """MDETR with explicit settings (defaults: the paper's sizes on the embedded lite0 + MiniLM encoders).
 
@@ -556,7 +644,7 @@ def build_mdetr(backbone: str = "tf_efficientnet_lite0", pretrained_backbone: bo
                  qa_dataset=qa_dataset, clevr_attr_classes=clevr_attr_classes, predict_final=predict_final,
                  query_grid=query_grid, token_head=token_head, box_refine=box_refine, qa_layer=qa_layer,
                  qa_readout=qa_readout, box_roi=box_roi, qa_no_object_weight=qa_no_object_weight,
-                 relation_head=relation_head)
+                 relation_head=relation_head, appearance_head=appearance_head)
 
 
 def param_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:

@@ -68,7 +68,8 @@ MODELS: Dict[str, ModelEntry] = {
                                    "for the generated shapes world"),
     "refexp": ModelEntry("refexp", "the shapes preset fine-tuned on referring expressions (with box_roi='pixels', "
                                    "the relation head and the appearance head)"),
-    "grounding": ModelEntry("grounding", "the shapes preset fine-tuned on phrase grounding (with box_roi='pixels')"),
+    "grounding": ModelEntry("grounding", "the shapes preset fine-tuned on phrase grounding (with box_roi='pixels' "
+                                         "and the appearance head)"),
     "clevr": ModelEntry("clevr", "the shapes preset with MDETR's CLEVR question-answering heads"),
     "mdetr_resnet101": _released(_RESNET101, "pretrained", "pre-trained on 1.3M aligned image-text pairs"),
     "mdetr_efficientnet_b3": _released(_EFFICIENTNET_B3, "pretrained", "pre-trained on 1.3M aligned image-text pairs"),

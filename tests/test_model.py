@@ -1253,3 +1253,54 @@ def test_appearance_head_in_the_model_moves_every_layer_and_trains():
     assert model.input_proj.weight.grad is not None, "the box-centre features train input_proj"
     with pytest.raises(ValueError, match="^appearance_head reads the images' pixels"):
         model.encode_features(*model.backbone(images, mask), CAPTIONS)
+
+
+def test_appearance_objectness_gates_the_scores_into_the_no_object_logit():
+    torch.manual_seed(1)
+    plain, gated = AppearanceHead(d_model=8, dim=4), AppearanceHead(d_model=8, dim=4, objectness=True)
+    missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == ["gate.bias", "gate.weight"]
+    for layer in (plain.word, gated.word):
+        nn.init.normal_(layer.weight, generator=torch.Generator().manual_seed(3), std=0.1)
+    images, features = torch.randn(2, 3, 24, 24), torch.randn(2, 8, 12, 12)
+    valid_px, valid = torch.tensor([[24.0, 24.0], [16.0, 20.0]]), torch.tensor([[12.0, 12.0], [8.0, 10.0]])
+    boxes = torch.rand(3, 2, 5, 4) * 0.5 + 0.25  # [layers, B, Q, 4]
+    text, pad = torch.randn(6, 2, 8), torch.zeros(2, 6, dtype=torch.bool)
+    pad[0, 4:] = True
+    logits = torch.randn(3, 2, 5, 256)
+    args = (boxes, features, valid, images, valid_px, text, pad)
+    expected = plain(logits, *args)[0]
+    assert torch.equal(gated(logits, *args)[0], expected), "the gate starts at zero: the head's logits unchanged"
+    nn.init.normal_(gated.gate.weight, std=0.3)
+    nn.init.normal_(gated.gate.bias, std=0.3)
+    out = gated(logits, *args)[0]
+    assert torch.equal(out[..., :-1], expected[..., :-1]), "token columns and the slots after the caption stay"
+    scores = plain.scores(*args)  # [layers, B, Q, L]
+    veto = torch.zeros(3, 2, 5)
+    for b in range(2):
+        for t in range(6):
+            if not pad[b, t]:
+                veto[:, b] += gated.RATE * gated.gate(text[t, b]) * scores[:, b, :, t]
+    assert_close(out[..., -1], logits[..., -1] - veto, atol=1e-4, what="no-object -= sum_t gate(x_t) s_qt")
+    text[4:, 0] = 1e3  # padded tokens never vote
+    assert_close(gated(logits, *args)[0], out, what="padded tokens")
+
+
+def test_appearance_objectness_in_the_model_trains_its_gate():
+    torch.manual_seed(0)
+    plain = build_mdetr(**TINY, pretrained_backbone=False, appearance_head=True).eval()
+    model = build_mdetr(**TINY, pretrained_backbone=False, appearance_head=True, appearance_objectness=True).eval()
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == ["appearance_head.gate.bias", "appearance_head.gate.weight"]
+    images, mask = images_and_mask()
+    nn.init.normal_(model.appearance_head.word.weight, std=0.03)
+    plain.appearance_head.word.weight.data.copy_(model.appearance_head.word.weight)
+    with torch.no_grad():
+        assert_close(model(images, mask, CAPTIONS)["pred_logits"], plain(images, mask, CAPTIONS)["pred_logits"],
+                     what="starts as without the gate")
+    model.train()
+    out = model(images, mask, CAPTIONS)
+    out["pred_logits"][..., -1].sum().backward()
+    assert model.appearance_head.gate.weight.grad.abs().sum() > 0, "the no-object logit trains the gate"
+    with pytest.raises(ValueError, match="appearance_objectness=True .* needs appearance_head=True"):
+        build_mdetr(**TINY, pretrained_backbone=False, appearance_objectness=True)

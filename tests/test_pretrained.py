@@ -322,28 +322,33 @@ def test_create_model_loads_our_training_checkpoint(tmp_path):
         mdetr.create_model("shapes", path, **dict(small, qa_readout="slots"))
 
 
-def test_create_model_loads_refexp_checkpoints_with_and_without_the_appearance_head(tmp_path):
+@pytest.mark.parametrize("session", [14, 13, 12])
+def test_create_model_loads_refexp_checkpoints_of_earlier_sessions(tmp_path, session):
+    """A refexp checkpoint of the twelfth session (no appearance head) or the thirteenth (the head without its vote on
+    the no-object logit) is named by its settings; load_pretrained reads them from the file."""
     small = dict(SMALL, pretrained_backbone=False, num_queries=4, query_grid=2)
-    for with_head in (True, False):
-        model = mdetr.create_model("refexp", **small, appearance_head=with_head)
-        assert (model.appearance_head is not None) == with_head and model.relation_head is not None
-        cfg = config_mod.preset("refexp")
-        for key, value in small.items():
-            config_mod.set_value(cfg, f"model.{key}", value)
-        saved = cfg.to_dict()
-        if not with_head:  # the twelfth session's configuration had no such field
-            del saved["model"]["appearance_head"]
-            del saved["loss"]["appearance_align"]
-        path = tmp_path / f"refexp_{with_head}.pth"
-        torch.save({"model": model.state_dict(), "config": saved, "epoch": 1, "rng": checkpoint_mod.rng_state()},
-                   path)
-        if with_head:
-            assert_loaded(mdetr.create_model("refexp", path, **small), model.state_dict())
-        else:
-            with pytest.raises(ValueError, match=r"appearance_head=True \(file: False\)"):
-                mdetr.create_model("refexp", path, **small)
-            assert_loaded(mdetr.create_model("refexp", path, **small, appearance_head=False), model.state_dict())
-            assert mdetr.load_pretrained(path).appearance_head is None
+    then = {14: {}, 13: {"appearance_objectness": False},
+            12: {"appearance_head": False, "appearance_objectness": False}}[session]
+    model = mdetr.create_model("refexp", **small, **then)
+    assert model.relation_head is not None and (model.appearance_head is not None) == (session >= 13)
+    assert (session >= 13) == any(name.startswith("appearance_head.") for name in model.state_dict())
+    assert (session >= 14) == ("appearance_head.gate.weight" in model.state_dict())
+    cfg = config_mod.preset("refexp")
+    for key, value in {**small, **then}.items():
+        config_mod.set_value(cfg, f"model.{key}", value)
+    saved = cfg.to_dict()
+    if session < 14:  # those sessions' configurations had no such fields
+        del saved["model"]["appearance_objectness"]
+    if session < 13:
+        del saved["model"]["appearance_head"]
+        del saved["loss"]["appearance_align"]
+    path = tmp_path / f"refexp_{session}.pth"
+    torch.save({"model": model.state_dict(), "config": saved, "epoch": 1, "rng": checkpoint_mod.rng_state()}, path)
+    if session < 14:
+        with pytest.raises(ValueError, match=r"appearance_objectness=True \(file: False\)"):
+            mdetr.create_model("refexp", path, **small)
+    assert_loaded(mdetr.create_model("refexp", path, **small, **then), model.state_dict())
+    assert_loaded(mdetr.load_pretrained(path), model.state_dict())
 
 
 # ---- torch.hub ----------------------------------------------------------------------------------------------

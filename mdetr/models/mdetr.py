@@ -335,20 +335,32 @@ class AppearanceHead(nn.Module):
     cross encoder the pixels' colours nor handing the box-centre features back to the decoder's outputs closed the
     gap. Here the box's look meets the words without passing through either.
 
-    ``word`` starts at zero (s = 0: a model loaded without this head starts with its own outputs); ``look`` starts
-    at random, so that the gradient reaches ``word`` from the first step. In float32 or wider."""
+    With ``objectness`` (``model.appearance_objectness``) the scores also vote on each box's no-object logit:
+
+        no_object_q -= sum_t gate(x_t) s_qt
+
+    with ``gate`` a Linear of the token features (starting at zero). Added to the token logits alone, s works as an
+    OR under the softmax: a box of the named shape in another colour keeps its probability on the shape word, and
+    with it its object score, however little its look matches the colour word; the gate lets a mismatched word
+    veto the box.
+
+    ``word`` (and ``gate``) start at zero (s = 0: a model loaded without this head starts with its own outputs);
+    ``look`` starts at random, so that the gradient reaches ``word`` from the first step. In float32 or wider."""
 
     GRID = 3  # pixel samples per side
     SPAN = 0.3  # of the box's width and height, around its centre: inside the shapes world's stars and triangles
     RATE = 10.0  # as RelationHead's: the word Linear's output is multiplied by this, so that Adam moves it in time
 
-    def __init__(self, d_model: int, dim: int = 64):
+    def __init__(self, d_model: int, dim: int = 64, objectness: bool = False):
         super().__init__()
         self.look_hidden = nn.Linear(3 * self.GRID ** 2 + d_model, d_model)
         self.look = nn.Linear(d_model, dim)
         self.word = nn.Linear(d_model, dim)
-        nn.init.zeros_(self.word.weight)
-        nn.init.zeros_(self.word.bias)
+        self.gate = nn.Linear(d_model, 1) if objectness else None
+        for layer in (self.word, self.gate):
+            if layer is not None:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def embeddings(self, boxes: Tensor, features: Tensor, valid: Tensor, images: Tensor, images_valid: Tensor,
                    text: Tensor, text_padding_mask: Tensor) -> Tuple[Tensor, Tensor]:
@@ -375,11 +387,19 @@ class AppearanceHead(nn.Module):
 
     def forward(self, logits: Tensor, boxes: Tensor, features: Tensor, valid: Tensor, images: Tensor,
                 images_valid: Tensor, text: Tensor, text_padding_mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """The logits [..., B, Q, slots + 1] with s added to their first L (token) columns, and ``embeddings``."""
+        """The logits [..., B, Q, slots + 1] with s added to their first L (token) columns (and, with ``objectness``,
+        the gated sum of s subtracted from their no-object column), and ``embeddings``."""
         looks, words = self.embeddings(boxes, features, valid, images, images_valid, text, text_padding_mask)
-        scores = (looks @ words.transpose(-1, -2)).to(logits.dtype)
+        scores = looks @ words.transpose(-1, -2)  # [..., B, Q, L] float32, 0 at pads
         length = scores.shape[-1]
-        return torch.cat([logits[..., :length] + scores, logits[..., length:]], -1), looks, words
+        no_object = logits[..., -1:]
+        if self.gate is not None:
+            with torch.autocast(scores.device.type, enabled=False):
+                gate = self.RATE * _float_linear(self.gate, text.transpose(0, 1).float()).squeeze(-1)  # [B, L]
+                veto = (scores * gate[:, None, :]).sum(-1, keepdim=True)  # pads: s = 0
+            no_object = (no_object.float() - veto).to(logits.dtype)
+        logits = torch.cat([logits[..., :length] + scores.to(logits.dtype), logits[..., length:-1], no_object], -1)
+        return logits, looks, words
 
 
 class MDETR(nn.Module):
@@ -418,13 +438,16 @@ class MDETR(nn.Module):
             logits by where each box lies, in the direction the caption names, from the objects its words pick.
         appearance_head: False (the reference); True (not in MDETR): ``AppearanceHead`` adds to every layer's token
             logits a score of how each box's pixels and features match each word.
+        appearance_objectness: with ``appearance_head``, those scores also move the no-object logits, each word's by
+            a learned gate (``AppearanceHead``'s ``objectness``).
     """
 
     def __init__(self, backbone: Joiner, transformer: Transformer, num_queries: int = 100, num_classes: int = 255,
                  contrastive_align_dim: int = 64, qa_dataset: Optional[str] = None, clevr_attr_classes: int = 15,
                  predict_final: bool = False, query_grid: int = 0, token_head: str = "linear",
                  box_refine: bool = False, qa_layer: int = 0, qa_readout: str = "slots", box_roi: str = "none",
-                 qa_no_object_weight: float = 0.1, relation_head: bool = False, appearance_head: bool = False):
+                 qa_no_object_weight: float = 0.1, relation_head: bool = False, appearance_head: bool = False,
+                 appearance_objectness: bool = False):
         super().__init__()
         layers = len(transformer.decoder.layers)
         if not -layers <= qa_layer < layers:
@@ -477,7 +500,10 @@ class MDETR(nn.Module):
         self.box_roi = box_roi
         self.box_roi_refiner = None if box_roi == "none" else BoxRoIRefiner(d_model, pixels=box_roi == "pixels")
         self.relation_head = RelationHead(d_model) if relation_head else None
-        self.appearance_head = AppearanceHead(d_model) if appearance_head else None
+        if appearance_objectness and not appearance_head:
+            raise ValueError("appearance_objectness=True gates the appearance head's scores into the no-object "
+                             "logits; it needs appearance_head=True, got appearance_head=False")
+        self.appearance_head = AppearanceHead(d_model, objectness=appearance_objectness) if appearance_head else None
 
     def encode(self, images: Tensor, mask: Tensor, captions: Sequence[str]) -> Dict[str, Any]:
         """images [B, 3, H, W], mask [B, H, W] (True = pad), captions: B strings -> memory cache (see
@@ -620,7 +646,7 @@ def build_mdetr(backbone: str = "tf_efficientnet_lite0", pretrained_backbone: bo
                 predict_final: bool = False, query_grid: int = 0, token_head: str = "linear", box_refine: bool = False,
                 qa_layer: int = 0, qa_readout: str = "slots", spatial_attention: str = "none", box_roi: str = "none",
                 qa_no_object_weight: float = 0.1, relation_head: bool = False, appearance_head: bool = False,
-                attention_backend: str = "reference",
+                appearance_objectness: bool = False, attention_backend: str = "reference",
                 load_backbone_weights: bool = True, text_encoder_config: Optional[PretrainedConfig] = None) -> MDETR:
     """MDETR with explicit settings (defaults: the paper's sizes on the embedded lite0 + MiniLM encoders).
 
@@ -644,7 +670,8 @@ def build_mdetr(backbone: str = "tf_efficientnet_lite0", pretrained_backbone: bo
                  qa_dataset=qa_dataset, clevr_attr_classes=clevr_attr_classes, predict_final=predict_final,
                  query_grid=query_grid, token_head=token_head, box_refine=box_refine, qa_layer=qa_layer,
                  qa_readout=qa_readout, box_roi=box_roi, qa_no_object_weight=qa_no_object_weight,
-                 relation_head=relation_head, appearance_head=appearance_head)
+                 relation_head=relation_head, appearance_head=appearance_head,
+                 appearance_objectness=appearance_objectness)
 
 
 def param_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:

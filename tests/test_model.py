@@ -1304,3 +1304,22 @@ def test_appearance_objectness_in_the_model_trains_its_gate():
     assert model.appearance_head.gate.weight.grad.abs().sum() > 0, "the no-object logit trains the gate"
     with pytest.raises(ValueError, match="appearance_objectness=True .* needs appearance_head=True"):
         build_mdetr(**TINY, pretrained_backbone=False, appearance_objectness=True)
+
+
+def test_appearance_head_scores_in_float32_under_autocast():
+    """Its scores and vote stay float32 when the model runs under bf16 autocast (as the docstring says)."""
+    torch.manual_seed(2)
+    head = AppearanceHead(d_model=8, dim=16, objectness=True)
+    for layer in (head.word, head.gate):
+        nn.init.normal_(layer.weight, std=0.3)
+    images, features = torch.randn(2, 3, 24, 24), torch.randn(2, 8, 12, 12)
+    valid_px, valid = torch.full((2, 2), 24.0), torch.full((2, 2), 12.0)
+    args = (torch.rand(2, 2, 5, 4) * 0.5 + 0.25, features, valid, images, valid_px, torch.randn(6, 2, 8),
+            torch.zeros(2, 6, dtype=torch.bool))
+    logits = torch.randn(2, 2, 5, 256)
+    expected = head(logits, *args)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores, out = head.scores(*args), head(logits, *args)[0]
+    assert scores.dtype == torch.float32 and out.dtype == torch.float32
+    assert_close(scores, head.scores(*args), what="scores under autocast")
+    assert_close(out, expected, what="logits under autocast")

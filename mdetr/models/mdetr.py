@@ -380,17 +380,22 @@ class AppearanceHead(nn.Module):
             words = _float_linear(self.word, text.transpose(0, 1).float()) * (self.RATE / math.sqrt(look.shape[-1]))
             return look, words.masked_fill(text_padding_mask.bool()[..., None], 0.0)  # [B, L, dim]
 
+    @staticmethod
+    def _product(looks: Tensor, words: Tensor) -> Tensor:
+        """s = looks @ words^T [..., B, Q, L] in float32, whatever autocast the caller runs under."""
+        with torch.autocast(looks.device.type, enabled=False):
+            return looks @ words.transpose(-1, -2)
+
     def scores(self, *args: Tensor) -> Tensor:
         """``embeddings``' arguments -> s [..., B, Q, L] (float32; 0 at pads)."""
-        looks, words = self.embeddings(*args)
-        return looks @ words.transpose(-1, -2)
+        return self._product(*self.embeddings(*args))
 
     def forward(self, logits: Tensor, boxes: Tensor, features: Tensor, valid: Tensor, images: Tensor,
                 images_valid: Tensor, text: Tensor, text_padding_mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """The logits [..., B, Q, slots + 1] with s added to their first L (token) columns (and, with ``objectness``,
         the gated sum of s subtracted from their no-object column), and ``embeddings``."""
         looks, words = self.embeddings(boxes, features, valid, images, images_valid, text, text_padding_mask)
-        scores = looks @ words.transpose(-1, -2)  # [..., B, Q, L] float32, 0 at pads
+        scores = self._product(looks, words)  # 0 at pads
         length = scores.shape[-1]
         no_object = logits[..., -1:]
         if self.gate is not None:

@@ -11,7 +11,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -185,12 +185,16 @@ def state_dict_differences(model, state: Dict[str, Any]) -> Tuple[List[str], Lis
     return unexpected, missing, mismatched
 
 
-def load_weights(model, path: str | Path, verbose: bool = True, trusted: bool = False) -> None:
+def load_weights(model, path: str | Path, verbose: bool = True, trusted: bool = False,
+                 skip: Sequence[str] = ()) -> None:
     """Fine-tuning start: copy a training checkpoint's weights (its EMA when it has one) into ``model``.
 
     Tensors are matched by name. Heads the new task adds (e.g. QA heads on a pre-trained detector) keep their
     fresh initialization and are listed; a checkpoint tensor the model lacks, or one whose shape differs, is an
-    error naming it (a silently dropped tensor would be a model that was never fine-tuned from anything)."""
+    error naming it (a silently dropped tensor would be a model that was never fine-tuned from anything).
+    ``skip`` names modules (``"relation_head"``, ``"transformer.decoder"``) whose checkpoint tensors are left out on
+    purpose, e.g. heads of the pre-training that the fine-tune goes without; they are listed, and a name that
+    matches no tensor of the checkpoint is an error (a typo would otherwise load everything)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"train.load: no checkpoint at {str(path)!r} (the shapes fine-tuning presets start "
                                 f"from the default run's runs/shapes/checkpoint.pth: run `python -m mdetr.train` first)")
@@ -198,11 +202,22 @@ def load_weights(model, path: str | Path, verbose: bool = True, trusted: bool = 
     if not isinstance(saved, dict) or "model" not in saved:
         raise ValueError(f"train.load: {str(path)!r} is not a training checkpoint of mdetr.train (no 'model' entry)")
     state = saved["ema"] if saved.get("ema") else saved["model"]
+    skipped = {}
+    for name in skip:
+        keys = [key for key in state if key == name or key.startswith(name + ".")]
+        if not keys:
+            raise ValueError(f"train.load_skip: {name!r} matches no tensor of {str(path)!r} (expected a module name "
+                             f"such as {sorted({key.split('.')[0] for key in state})[:6]})")
+        skipped.update((key, state[key]) for key in keys)
+    state = {key: value for key, value in state.items() if key not in skipped}
     unexpected, missing, mismatched = state_dict_differences(model, state)
     if unexpected or mismatched:
         shapes = [f"{key} {ours} vs {theirs}" for key, (ours, theirs) in mismatched.items()]
         raise ValueError(f"train.load: {str(path)!r} does not fit this model: tensors it lacks {unexpected[:8]}, "
-                         f"shapes that differ (checkpoint vs model) {shapes[:8]}")
+                         f"shapes that differ (checkpoint vs model) {shapes[:8]}"
+                         + ("" if skipped else " (train.load_skip leaves modules of the checkpoint out)"))
     model.load_state_dict(state, strict=False)
+    if verbose and skipped:
+        print(f"train.load_skip: left out {len(skipped)} tensors of {path}: {sorted(skipped)}")
     if verbose:
         print(f"loaded {len(state)} tensors from {path}" + (f"; newly initialized: {missing}" if missing else ""))

@@ -10,13 +10,13 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from mdetr import distributed as dist_utils
-from mdetr.config import OptimConfig
+from mdetr.config import OptimConfig, module_names
 from mdetr.models import param_groups
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -133,6 +133,8 @@ def train_one_epoch(model: nn.Module, criterion, loader: Iterable, optimizer: to
     epoch_sums = state.epoch_sums
     sums: Dict[str, Tensor] = {}
     count = 0
+    norms: List[Tensor] = []  # each optimizer step's gradient norm before clipping, since the last log
+    clip_groups = gradient_clip_groups(model, module_names(optim_cfg.clip_groups))
     tic = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     # the batches of whole windows only: the next one is not even fetched (its transforms could draw random numbers)
@@ -159,7 +161,8 @@ def train_one_epoch(model: nn.Module, criterion, loader: Iterable, optimizer: to
         if scaler:
             scaler.unscale_(optimizer)
         if optim_cfg.clip_max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.clip_max_norm)
+            norms.append(torch.linalg.vector_norm(torch.stack([
+                torch.nn.utils.clip_grad_norm_(group, optim_cfg.clip_max_norm) for group in clip_groups])))
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -186,8 +189,11 @@ def train_one_epoch(model: nn.Module, criterion, loader: Iterable, optimizer: to
             now = time.perf_counter()
             record.update(step=state.step, epoch=state.epoch, sec_per_step=(now - tic) / (count / accum),
                           lr=optimizer.param_groups[0]["lr"], lr_text=optimizer.param_groups[2]["lr"])
+            if norms:  # median and max: a few spikes set the clip factor of their steps only
+                norm = torch.stack(norms).float()
+                record.update(grad_norm=norm.median().item(), grad_norm_max=norm.max().item())
             tic = now
-            sums, count = {}, 0
+            sums, count, norms = {}, 0, []
             if progress is not None:
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
             if on_log is not None:
@@ -206,6 +212,26 @@ def train_one_epoch(model: nn.Module, criterion, loader: Iterable, optimizer: to
         state.epoch_count += count
     state.micro = done if done < usable else 0
     return {k: v / max(state.epoch_count, 1) for k, v in epoch_sums.items()}
+
+
+def gradient_clip_groups(model: nn.Module, names: Sequence[str]) -> List[List[nn.Parameter]]:
+    """The parameter groups whose gradient norms are clipped each on its own (``optim.clip_groups``): one per module
+    in ``names``, then all other parameters (MDETR: ``names`` empty, one group). A name
+    that matches no trainable parameter is an error."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    wanted = list(names)
+    groups: List[List[nn.Parameter]] = [[] for _ in range(len(wanted) + 1)]
+    for key, param in model.named_parameters():
+        if param.requires_grad:
+            index = next((i for i, name in enumerate(wanted) if key == name or key.startswith(name + ".")),
+                         len(wanted))
+            groups[index].append(param)
+    for name, group in zip(wanted, groups):
+        if not group:
+            raise ValueError(f"optim.clip_groups: {name!r} matches no trainable parameter of the model (expected "
+                             f"module names such as {sorted({k.split('.')[0] for k, _ in model.named_parameters()})[:8]})")
+    return [group for group in groups if group]
 
 
 def not_finite_anywhere(loss: float) -> bool:

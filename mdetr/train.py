@@ -138,7 +138,8 @@ def run(cfg: Config, on_log=None) -> Dict[str, object]:
                 print("the run continues with settings that differ from the checkpoint's: " + "; ".join(changed))
     else:
         if cfg.train.load:
-            ckpt.load_weights(model, cfg.train.load, verbose=main, trusted=cfg.train.trusted_checkpoints)
+            ckpt.load_weights(model, cfg.train.load, verbose=main, trusted=cfg.train.trusted_checkpoints,
+                              skip=config_mod.module_names(cfg.train.load_skip))
         seed_everything(cfg.train.seed + rank)  # per-rank streams for dropout and augmentation
     # built after any resume, so it starts from the loaded weights when the checkpoint holds no EMA
     ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema else None

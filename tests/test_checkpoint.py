@@ -87,6 +87,35 @@ def test_load_weights_for_fine_tuning(tmp_path, capsys):
         load_weights(source, tmp_path / "qa.pth")
 
 
+def test_load_weights_leaves_out_the_modules_named_in_skip(tmp_path, capsys):
+    from mdetr.checkpoint import load_weights
+    from mdetr.models import build_mdetr
+
+    tiny = dict(d_model=32, nheads=4, enc_layers=1, dec_layers=1, dim_feedforward=32, num_queries=4,
+                pretrained_backbone=False, freeze_text_encoder=True, token_head="similarity")
+    torch.manual_seed(0)
+    source = build_mdetr(**tiny, relation_head=True, appearance_head=True)
+    torch.save({"model": source.state_dict(), "ema": None}, tmp_path / "pre.pth")
+    target = build_mdetr(**tiny, qa_dataset="clevr")  # a QA fine-tune without the pre-training's heads
+    with pytest.raises(ValueError, match="tensors it lacks .*head.*train.load_skip"):
+        load_weights(target, tmp_path / "pre.pth")
+    capsys.readouterr()
+    load_weights(target, tmp_path / "pre.pth", skip=["relation_head", "appearance_head"])
+    out = capsys.readouterr().out
+    assert "relation_head." in out and "appearance_head." in out and "answer_type_head.weight" in out
+    for key, value in target.state_dict().items():
+        if key in source.state_dict():
+            assert torch.equal(value, source.state_dict()[key]), key
+    kept = build_mdetr(**tiny, relation_head=True, appearance_head=True)  # skipping a module the model has: fresh
+    fresh = {key: value.clone() for key, value in kept.state_dict().items()}
+    load_weights(kept, tmp_path / "pre.pth", skip=["relation_head"])
+    for key, value in kept.state_dict().items():
+        expected = fresh[key] if key.startswith("relation_head.") else source.state_dict()[key]
+        assert torch.equal(value, expected), key
+    with pytest.raises(ValueError, match="train.load_skip: 'relation_heads' matches no tensor"):
+        load_weights(target, tmp_path / "pre.pth", skip=["relation_heads"])
+
+
 def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
     previous = os.umask(0o022)
     try:

@@ -100,3 +100,26 @@ def test_differences_name_each_changed_field_of_the_run_sections():
 def test_aspect_groups_is_checked():
     with pytest.raises(ValueError, match="data.aspect_groups must be >= 1, got 0"):
         C.resolve("shapes", None, ["--data.aspect_groups=0"])
+
+
+def test_module_names_in_the_shapes_presets_name_modules_of_their_models():
+    """``train.load_skip`` names modules of the default's checkpoint, ``optim.clip_groups`` modules of the model that
+    trains: a rename of either module would otherwise surface only when a fine-tune starts."""
+    from mdetr.engine import gradient_clip_groups
+    from mdetr.models import build_from_config
+
+    small = ["--model.pretrained_backbone=false", "--model.d_model=32", "--model.dim_feedforward=32",
+             "--model.enc_layers=1", "--model.dec_layers=1"]
+    default = build_from_config(C.resolve("shapes", None, small).model)
+    for name in ("refexp", "grounding", "clevr"):
+        cfg = C.resolve(name, None, small)
+        model = build_from_config(cfg.model)
+        skipped = C.module_names(cfg.train.load_skip)
+        for module in skipped:
+            assert any(key.startswith(module + ".") for key in default.state_dict()), (name, module)
+        # what the fine-tune loads, it has: the default's tensors that are not skipped
+        kept = {key for key in default.state_dict() if not any(key.startswith(m + ".") for m in skipped)}
+        assert kept <= set(model.state_dict()), (name, sorted(kept - set(model.state_dict()))[:4])
+        groups = gradient_clip_groups(model, C.module_names(cfg.optim.clip_groups))
+        assert len(groups) == len(C.module_names(cfg.optim.clip_groups)) + 1
+    assert C.module_names(" a, b ,,") == ["a", "b"]

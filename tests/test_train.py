@@ -96,11 +96,13 @@ def test_non_finite_loss_stops_training_before_a_checkpoint(shapes_root, tmp_pat
 
 @pytest.mark.slow
 def test_resume_reproduces_the_next_steps_exactly(shapes_root, tmp_path, capsys):
-    full = tiny_config(shapes_root, str(tmp_path / "a"))
+    # bit-exact without the feature cache; with it (the shapes presets) see the end of the test
+    exact = {"train.cache_features": False}
+    full = tiny_config(shapes_root, str(tmp_path / "a"), **exact)
     losses_full, _ = train_losses(full)
     steps_per_epoch = len(losses_full) // 2
     resumed = tiny_config(shapes_root, str(tmp_path / "b"),
-                          **{"train.resume": str(tmp_path / "a" / "checkpoint_epoch0000.pth")})
+                          **{"train.resume": str(tmp_path / "a" / "checkpoint_epoch0000.pth")}, **exact)
     capsys.readouterr()
     losses_resumed, result = train_losses(resumed)
     assert result["state"].step == len(losses_full)
@@ -108,9 +110,9 @@ def test_resume_reproduces_the_next_steps_exactly(shapes_root, tmp_path, capsys)
     out = capsys.readouterr().out
     assert "resumed from" in out and "differ from the checkpoint's" not in out
     # stopped by the time limit after the first step of epoch 0, then resumed: the same remaining steps
-    run(tiny_config(shapes_root, str(tmp_path / "c"), **{"train.time_limit_min": 1e-4}))
+    run(tiny_config(shapes_root, str(tmp_path / "c"), **{"train.time_limit_min": 1e-4}, **exact))
     capsys.readouterr()
-    losses_rest, result = train_losses(tiny_config(shapes_root, str(tmp_path / "c"), **{"train.resume": "auto"}))
+    losses_rest, result = train_losses(tiny_config(shapes_root, str(tmp_path / "c"), **{"train.resume": "auto"}, **exact))
     assert "resumed from" in capsys.readouterr().out
     assert losses_rest == losses_full[1:] and result["state"].step == len(losses_full)
 
@@ -120,10 +122,16 @@ def test_resume_reproduces_the_next_steps_exactly(shapes_root, tmp_path, capsys)
 
     assert epoch_records("c") == epoch_records("a")  # one record per epoch, each the whole epoch's mean
     # a mid-epoch checkpoint resumed with other batching is a clear error, not a resume at the wrong batch
-    run(tiny_config(shapes_root, str(tmp_path / "d"), **{"train.time_limit_min": 1e-4}))
+    run(tiny_config(shapes_root, str(tmp_path / "d"), **{"train.time_limit_min": 1e-4}, **exact))
     with pytest.raises(ValueError, match=r"the run stopped 1 batches into epoch 0, which does not fit this run's "
                                          r"epoch of \d+ batches in windows of optim.grad_accum=2"):
-        run(tiny_config(shapes_root, str(tmp_path / "d"), **{"train.resume": "auto", "optim.grad_accum": 2}))
+        run(tiny_config(shapes_root, str(tmp_path / "d"), **{"train.resume": "auto", "optim.grad_accum": 2}, **exact))
+    # with the frozen text encoder's cache, a resumed run encodes each caption again, in other batches than the
+    # first run did, so its features (and the heads that read them) match to float rounding, not bit for bit
+    cached, _ = train_losses(tiny_config(shapes_root, str(tmp_path / "e")))
+    resumed, _ = train_losses(tiny_config(shapes_root, str(tmp_path / "f"),
+                                          **{"train.resume": str(tmp_path / "e" / "checkpoint_epoch0000.pth")}))
+    assert resumed == pytest.approx(cached[steps_per_epoch:], rel=1e-5, abs=0)
 
 
 class _CountingCriterion(torch.nn.Module):
@@ -187,6 +195,43 @@ def test_train_one_epoch_counts_micro_batches(accum, max_steps, start, expected)
                     torch.device("cpu"), "fp32", log_every=1, max_steps=max_steps)
     assert (criterion.calls, state.step, state.micro) == expected
     assert loader.fetched == criterion.calls  # the partial window's batch is not even loaded
+
+
+class _TwoModules(torch.nn.Module):
+    """A body and a head whose gradients are 3 and 4 times their inputs' sums: norms 3 * 2 and 4 * 30 here."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(4, 1, bias=False)
+        self.head = torch.nn.Linear(900, 1, bias=False)
+
+    def forward(self, images, mask, captions):
+        return 3 * self.body(images[:4]).sum() + 4 * self.head(images).sum()
+
+
+@pytest.mark.parametrize("groups", ["", "head"])
+def test_gradient_clipping_per_group_and_the_logged_norm(groups):
+    from mdetr.config import OptimConfig
+    from mdetr.engine import TrainState, gradient_clip_groups, train_one_epoch
+
+    model, records = _TwoModules(), []
+    torch.nn.init.zeros_(model.body.weight), torch.nn.init.zeros_(model.head.weight)
+    batch = {"images": torch.ones(900), "mask": torch.zeros(1), "captions": ["a"]}
+    others = [{"params": [torch.nn.Parameter(torch.zeros(()))], "name": name} for name in ("backbone", "text_encoder")]
+    optimizer = torch.optim.SGD([{"params": list(model.parameters()), "name": "rest"}] + others, lr=1.0)
+    train_one_epoch(model, _CountingCriterion(), [batch], optimizer, None, None, TrainState(),
+                    OptimConfig(lr=1.0, clip_max_norm=0.5, clip_groups=groups), 10, torch.device("cpu"), "fp32", log_every=1,
+                    on_log=records.append)
+    assert optimizer.param_groups[0]["lr"] == 1.0
+    body, head = model.body.weight.norm().item(), model.head.weight.norm().item()  # SGD at lr 1: the clipped steps
+    assert records[0]["grad_norm"] == pytest.approx(math.hypot(3 * 2, 4 * 30), rel=1e-5)  # before clipping
+    if groups:  # each group's step has the clip norm
+        assert (body, head) == (pytest.approx(0.5, rel=1e-5), pytest.approx(0.5, rel=1e-5))
+    else:  # one factor for all: the head's gradient sets it, and the body's step is 20 times smaller than its own
+        assert math.hypot(body, head) == pytest.approx(0.5, rel=1e-5) and head / body == pytest.approx(20)
+    assert [len(group) for group in gradient_clip_groups(model, [groups] if groups else [])] == ([1, 1] if groups else [2])
+    with pytest.raises(ValueError, match="optim.clip_groups: 'heads' matches no trainable parameter"):
+        gradient_clip_groups(model, ["head", "heads"])
 
 
 def _run_worker(rank, world, port, cfg, out_file):

@@ -215,7 +215,7 @@ def load_weights(model, path: str | Path, verbose: bool = True, trusted: bool = 
         shapes = [f"{key} {ours} vs {theirs}" for key, (ours, theirs) in mismatched.items()]
         raise ValueError(f"train.load: {str(path)!r} does not fit this model: tensors it lacks {unexpected[:8]}, "
                          f"shapes that differ (checkpoint vs model) {shapes[:8]}"
-                         + ("" if skipped else " (train.load_skip leaves modules of the checkpoint out)"))
+                         + (" (train.load_skip leaves modules of the checkpoint out)" if unexpected and not skip else ""))
     model.load_state_dict(state, strict=False)
     if verbose and skipped:
         print(f"train.load_skip: left out {len(skipped)} tensors of {path}: {sorted(skipped)}")

@@ -216,8 +216,8 @@ def train_one_epoch(model: nn.Module, criterion, loader: Iterable, optimizer: to
 
 def gradient_clip_groups(model: nn.Module, names: Sequence[str]) -> List[List[nn.Parameter]]:
     """The parameter groups whose gradient norms are clipped each on its own (``optim.clip_groups``): one per module
-    in ``names``, then all other parameters (MDETR: ``names`` empty, one group). A name
-    that matches no trainable parameter is an error."""
+    in ``names``, then all other parameters (MDETR: ``names`` empty, one group). A name that matches no trainable
+    parameter is an error."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     wanted = list(names)

@@ -89,7 +89,7 @@ def load_dataset(cfg, task: str, split: str, ann: Optional[str] = None,
     if generate and not rank0:
         dist_utils.barrier()  # rank 0 generates the shapes world first, when it is missing
     dataset = build_dataset(data_cfg, split, tokenizer, ann_file, generate=generate and rank0,
-                            answer_vocab=answer_vocab)
+                            answer_vocab=answer_vocab, memo_images=False)  # one pass: a memo would only hold memory
     if generate and rank0:
         dist_utils.barrier()
     dataset.transforms = make_transforms("eval", data_cfg.transforms)  # --split train: no augmentation

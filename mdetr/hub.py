@@ -268,7 +268,8 @@ def _state_dict(source: _Source, weights: str, ema_key: str) -> Tuple[Mapping[st
 # ModelConfig field may be chosen freely.
 _RELEASED_FIXED = {"backbone", "pretrained_backbone", "backbone_stride", "frozen_bn_eps", "d_model", "enc_layers",
                    "dec_layers", "dim_feedforward", "num_queries", "query_grid", "token_head", "box_refine", "box_roi",
-                   "spatial_attention", "relation_head", "appearance_head", "appearance_objectness", "qa_layer",
+                   "spatial_attention", "relation_head", "appearance_head", "appearance_objectness",
+                   "appearance_location", "qa_layer",
                    "qa_readout", "contrastive_align_dim", "qa_dataset"}
 # ... and one of ours, from its saved configuration.
 _TRAINED_FIXED = _RELEASED_FIXED | {"nheads", "text_encoder"}

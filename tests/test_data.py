@@ -569,6 +569,54 @@ def test_train_without_augmentation_gets_the_eval_transform(tmp_path, tokenizer)
     assert all(min(image.shape[1:]) == 160 for image in first)  # shapes_small's eval size
 
 
+def test_normalize_pixels_equals_the_formula_on_every_value():
+    from mdetr.data.transforms import normalize_pixels
+
+    values = np.arange(256, dtype=np.uint8)
+    pixels = np.stack([*np.meshgrid(values, values[::-1], indexing="ij"), np.roll(values, 7)[:, None].repeat(256, 1)],
+                      axis=-1)  # [256, 256, 3]: every value in every channel
+    mean, std = np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
+    formula = (pixels.astype(np.float32) * (1 / 255) - mean) * (1 / std)
+    assert torch.equal(normalize_pixels(pixels), torch.from_numpy(formula.transpose(2, 0, 1).copy()))
+    with pytest.raises(ValueError, match=r"pixels: expected a uint8 array \[H, W, 3\], got float32 \[4, 4\]"):
+        normalize_pixels(np.zeros((4, 4), np.float32))
+
+
+def test_image_memo_gives_the_same_samples_and_reads_each_file_once(world, tokenizer, monkeypatch):
+    import mdetr.data.annotations as annotations
+
+    ann = world / "annotations" / "shapes_mixed_val.json"
+    plain = ModulatedDetection(world / "images", ann, tokenizer, make_transforms("val", "shapes"))
+    memo = ModulatedDetection(world / "images", ann, tokenizer, make_transforms("val", "shapes"), memo_images=True)
+    reads = []
+    read = annotations.read_rgb_image
+    monkeypatch.setattr(annotations, "read_rgb_image", lambda path: reads.append(path) or read(path))
+    indices = list(range(len(memo))) * 2
+    files = {memo.entries[i]["file_name"] for i in indices}
+    assert len(files) < len(set(indices))  # several entries share an image: the memo is hit within the pass
+    for i in indices:
+        (a, ta), (b, tb) = plain[i], memo[i]
+        assert torch.equal(a, b) and ta.keys() == tb.keys()
+        for key in ta:
+            assert (torch.equal(ta[key], tb[key]) if isinstance(ta[key], torch.Tensor) else ta[key] == tb[key]), key
+    assert len(reads) == len(indices) + len(files)  # the plain dataset reads every time, the memo once per file
+    assert len(memo.image_memo) == len(files)
+
+
+def test_image_memo_needs_the_deterministic_transform(world, tokenizer, tmp_path):
+    ann = world / "annotations" / "shapes_refexp_val.json"
+    ds = ModulatedDetection(world / "images", ann, tokenizer, make_transforms("train", "shapes"), memo_images=True)
+    with pytest.raises(ValueError, match="memo_images needs the deterministic eval transform .*got Compose"):
+        ds[0]
+    from mdetr.config import resolve
+
+    with pytest.raises(ValueError, match=r"data.memo_images .* set data.augment=false \(got data.augment=true\)"):
+        resolve("shapes", None, ["--data.augment=true", "--train.cache_features=false"])
+    cfg = DataConfig(root=str(world), memo_images=True, augment=False)
+    assert build_dataset(cfg, "train", tokenizer, generate=False).image_memo == {}
+    assert build_dataset(cfg, "val", tokenizer, generate=False, memo_images=False).image_memo is None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # box ops
 

@@ -1155,16 +1155,20 @@ def appearance_scores_loops(head, boxes, features, valid, images, images_valid, 
                          round((cx + dx * w * head.SPAN) * images_valid[b, 0].item() - 0.5)]
                   for dy in steps.tolist() for dx in steps.tolist()]
         centre = features[b, :, round(cy * valid[b, 1].item() - 0.5), round(cx * valid[b, 0].item() - 0.5)]
-        look = head.look(F.relu(head.look_hidden(torch.cat(pixels + [centre]))))
+        hidden = head.look_hidden(torch.cat(pixels + [centre]))
+        if head.location is not None:
+            hidden = hidden + head.location(torch.tensor([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, w * h]))
+        look = head.look(F.relu(hidden))
         for t in range(text.shape[0]):
             if not pad[b, t]:
                 scores[index + (t,)] = head.RATE * head.word(text[t, b]) @ look / math.sqrt(look.shape[0])
     return scores
 
 
-def test_appearance_head_starts_as_the_identity_and_matches_its_formula_with_padding():
+@pytest.mark.parametrize("location", [False, True])
+def test_appearance_head_starts_as_the_identity_and_matches_its_formula_with_padding(location):
     torch.manual_seed(0)
-    head = AppearanceHead(d_model=8, dim=4)
+    head = AppearanceHead(d_model=8, dim=4, location=location)
     # images 2 x 3 x 30 x 40 with the second padded to 20 x 30 pixels; the feature map as fine as the pixels
     images, features = torch.randn(2, 3, 30, 40), torch.randn(2, 8, 30, 40)
     valid = torch.tensor([[40.0, 30.0], [30.0, 20.0]])
@@ -1181,6 +1185,14 @@ def test_appearance_head_starts_as_the_identity_and_matches_its_formula_with_pad
     args = (features, valid, images, valid, text, pad)
     assert torch.equal(head(logits, boxes, *args)[0], logits), "the word Linear starts at zero: logits unchanged"
     nn.init.normal_(head.word.weight, std=0.1)
+    if location:  # the location Linear starts at zero: the same scores as the head without it, then its own
+        plain = AppearanceHead(d_model=8, dim=4)
+        missing, unexpected = plain.load_state_dict(head.state_dict(), strict=False)
+        assert sorted(unexpected) == ["location.bias", "location.weight"] and not missing
+        assert torch.equal(head(logits, boxes, *args)[0], plain(logits, boxes, *args)[0])
+        nn.init.normal_(head.location.weight, std=0.5)
+        nn.init.normal_(head.location.bias, std=0.5)
+        assert not torch.allclose(head(logits, boxes, *args)[0], plain(logits, boxes, *args)[0])
     out, looks, words = head(logits, boxes, *args)
     assert_close(looks @ words.transpose(-1, -2), out[..., :5] - logits[..., :5], what="s = looks @ words^T")
     assert torch.equal(out[..., 5:], logits[..., 5:]), "the slots after the caption and no-object stay"
@@ -1302,8 +1314,9 @@ def test_appearance_objectness_in_the_model_trains_its_gate():
     out = model(images, mask, CAPTIONS)
     out["pred_logits"][..., -1].sum().backward()
     assert model.appearance_head.gate.weight.grad.abs().sum() > 0, "the no-object logit trains the gate"
-    with pytest.raises(ValueError, match="appearance_objectness=True .* needs appearance_head=True"):
-        build_mdetr(**TINY, pretrained_backbone=False, appearance_objectness=True)
+    for name in ("appearance_objectness", "appearance_location"):
+        with pytest.raises(ValueError, match=f"{name}=True .* needs appearance_head=True"):
+            build_mdetr(**TINY, pretrained_backbone=False, **{name: True})
 
 
 def test_appearance_head_scores_in_float32_under_autocast():

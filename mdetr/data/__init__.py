@@ -75,13 +75,14 @@ def _ensure_from_config(data_cfg) -> Path:
 
 
 def build_dataset(data_cfg, split: str, tokenizer, ann_file: Optional[str] = None,
-                  generate: bool = True, answer_vocab=None) -> ModulatedDetection:
+                  generate: bool = True, answer_vocab=None, memo_images: Optional[bool] = None) -> ModulatedDetection:
     """The dataset of ``split`` ("train" uses the train transforms; "val"/"test" the eval ones).
 
     ``data_cfg``: a ``DataConfig`` (fields dataset, root, image_dir, train_ann, val_ann, num_train/val/test, seed,
     transforms). For ``dataset == "shapes"`` the world is generated under ``root`` first unless already there
     (``generate=False`` skips that check, e.g. on non-main ranks after a barrier). ``answer_vocab``: the QA
-    answer vocabulary the model was trained with (default: ``data.answer_vocab``'s file, else the file's own)."""
+    answer vocabulary the model was trained with (default: ``data.answer_vocab``'s file, else the file's own).
+    ``memo_images``: keep each image's resized pixels (default: ``data.memo_images``)."""
     if data_cfg.dataset == "shapes":
         if generate:
             _ensure_from_config(data_cfg)
@@ -92,7 +93,8 @@ def build_dataset(data_cfg, split: str, tokenizer, ann_file: Optional[str] = Non
     transform_split = "eval" if split == "train" and not data_cfg.augment else split
     return ModulatedDetection(image_dir, _ann_paths(data_cfg, split, ann_file), tokenizer,
                               make_transforms(transform_split, data_cfg.transforms),
-                              answer_vocab=answer_vocab if answer_vocab is not None else _answer_vocab(data_cfg))
+                              answer_vocab=answer_vocab if answer_vocab is not None else _answer_vocab(data_cfg),
+                              memo_images=data_cfg.memo_images if memo_images is None else memo_images)
 
 
 def _answer_vocab(data_cfg):

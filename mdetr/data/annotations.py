@@ -41,6 +41,9 @@ answers of the file (pass ``CLEVR_ATTRIBUTES`` for the released CLEVR checkpoint
 ``answer_<head>`` -> {answer: id}); answer_type = obj/attr/rel/global/cat -> 0..4, ``answer_<head>`` the id in
 that head's vocabulary ("unknown" for answers outside it) or -100.
 
+``memo_images=True`` (with the deterministic ``EvalTransform`` only) reads and resizes each image file once and
+keeps its uint8 pixels in ``image_memo``; the samples are the same (``pixels_of``).
+
 Bad inputs. A missing or unreadable image, a caption with more tokens than ``max_tokens - 1`` slots (the last
 class is no-object), or a span outside its caption raise ValueError naming the entry id, file and caption.
 Boxes are clipped to the image and dropped when empty after clipping (MDETR does the same), with their spans;
@@ -51,15 +54,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from mdetr.boxes import box_xywh_to_xyxy
 from mdetr.data.positive_map import create_positive_map
-from mdetr.data.transforms import Compose, ToNormalizedTensor
+from mdetr.data.transforms import Compose, EvalTransform, ToNormalizedTensor
 
 CLEVR_ATTRIBUTES = ["small", "large", "gray", "red", "blue", "green", "brown", "purple", "cyan", "yellow", "cube",
                     "sphere", "cylinder", "rubber", "metal"]  # MDETR's CLEVR attribute-answer order
@@ -104,7 +108,8 @@ class ModulatedDetection(Dataset):
 
     def __init__(self, image_dir: Union[str, Path], ann_file: Union[str, Path, Sequence[Union[str, Path]]],
                  tokenizer, transforms=None, max_tokens: int = 256,
-                 answer_vocab: Optional[Union[Sequence[str], Dict[str, Dict[str, int]]]] = None):
+                 answer_vocab: Optional[Union[Sequence[str], Dict[str, Dict[str, int]]]] = None,
+                 memo_images: bool = False):
         self.image_dir = Path(image_dir)
         files = [Path(ann_file)] if isinstance(ann_file, (str, Path)) else [Path(f) for f in ann_file]
         if not files:
@@ -112,6 +117,8 @@ class ModulatedDetection(Dataset):
         self.ann_file = files[0] if len(files) == 1 else Path("+".join(str(f) for f in files))  # for messages
         self.tokenizer = tokenizer
         self.transforms = transforms if transforms is not None else Compose([ToNormalizedTensor()])
+        # file name -> (resized uint8 pixels, width, height of the file): see ``pixels_of``
+        self.image_memo: Optional[Dict[str, Tuple[np.ndarray, int, int]]] = {} if memo_images else None
         self.max_tokens = max_tokens
         self.info: dict = {}
         self.entries: List[dict] = []
@@ -206,23 +213,42 @@ class ModulatedDetection(Dataset):
         except ValueError as err:
             raise ValueError(f"{self._where(entry)}: {err}") from err
 
+    def pixels_of(self, entry: dict) -> Tuple[np.ndarray, int, int]:
+        """With ``memo_images``: the entry's image resized by the (deterministic) ``EvalTransform``, as uint8
+        pixels, and the file's width and height; each file is read and resized once in the process that loads it
+        (the main process with ``num_workers=0``; each worker again per epoch otherwise), then kept: H' x W' x 3
+        bytes per image (~190 KB at short side 224). The samples are the same as without the memo."""
+        if not isinstance(self.transforms, EvalTransform):
+            raise ValueError(f"memo_images needs the deterministic eval transform (mdetr.data.transforms."
+                             f"EvalTransform; for a train split data.augment=false), got {type(self.transforms).__name__}")
+        key = entry["file_name"]
+        found = self.image_memo.get(key)
+        if found is None:
+            image = self._load_image(entry)
+            found = self.image_memo[key] = (self.transforms.resize_pixels(image), image.width, image.height)
+        return found
+
     def __getitem__(self, index: int):
         entry = self.entries[index]
         caption: str = entry["caption"]
-        image = self._load_image(entry)
+        if self.image_memo is not None:
+            pixels, width, height = self.pixels_of(entry)
+        else:
+            image = self._load_image(entry)
+            width, height = image.width, image.height
         tokenized = self.tokenizer(caption)
         num_tokens = len(tokenized["input_ids"])
         if num_tokens > self.max_tokens - 1:
             raise ValueError(f"{self._where(entry)}: the caption has {num_tokens} tokens, more than the "
                              f"{self.max_tokens - 1} token slots (max_tokens={self.max_tokens}, one is no-object)")
-        boxes, spans, phrase_ids = self._boxes(entry, image.width, image.height)
+        boxes, spans, phrase_ids = self._boxes(entry, width, height)
         target = {
             "boxes": boxes,
             "positive_map": create_positive_map(tokenized, spans, self.max_tokens),
             "tokens_positive": spans,
             "caption": caption,
             "image_id": int(entry["id"]),
-            "orig_size": torch.tensor([image.height, image.width], dtype=torch.long),
+            "orig_size": torch.tensor([height, width], dtype=torch.long),
             "dataset_name": entry.get("dataset_name"),
         }
         target.update({k: entry[k] for k in COPIED_FIELDS if k in entry})
@@ -236,6 +262,8 @@ class ModulatedDetection(Dataset):
             if "answer" in entry:
                 target["answer"] = str(entry["answer"])
             target.update(self._answer_targets(entry))
+        if self.image_memo is not None:
+            return self.transforms.finish(pixels, target, width, height)
         return self.transforms(image, target)
 
     def _boxes(self, entry: dict, width: int, height: int):

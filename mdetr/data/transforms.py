@@ -56,10 +56,15 @@ def resized_size(width: int, height: int, short_side: int, max_size: int) -> Tup
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def resize_target(target: Target, width: int, height: int, new_width: int, new_height: int) -> Target:
+    """The target of an image resized from ``width`` x ``height`` to ``new_width`` x ``new_height`` pixels."""
+    scale = torch.tensor([new_width / width, new_height / height] * 2)
+    return dict(target, boxes=target["boxes"] * scale)
+
+
 def resize(image: Image.Image, target: Target, short_side: int, max_size: int) -> Tuple[Image.Image, Target]:
     new_w, new_h = resized_size(image.width, image.height, short_side, max_size)
-    scale = torch.tensor([new_w / image.width, new_h / image.height] * 2)
-    target = dict(target, boxes=target["boxes"] * scale)
+    target = resize_target(target, image.width, image.height, new_w, new_h)
     return image.resize((new_w, new_h), Image.BILINEAR), target
 
 
@@ -133,18 +138,61 @@ class Compose:
         return image, target
 
 
+# each channel's 256 possible values, normalized: the same float32 numbers as ``(p / 255 - mean) / std`` computed per
+# pixel (the same expression, evaluated once per value), a table lookup instead of three passes over the image
+_NORMALIZED = np.ascontiguousarray(((np.arange(256, dtype=np.float32)[:, None] * (1 / 255) - _MEAN) * (1 / _STD)).T)
+
+
+def normalize_pixels(pixels: np.ndarray) -> Tensor:
+    """uint8 RGB pixels [H, W, 3] -> ImageNet-normalized FloatTensor [3, H, W] (a new tensor)."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"pixels: expected a uint8 array [H, W, 3], got {pixels.dtype} {list(pixels.shape)}")
+    channels = np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    out = np.empty(channels.shape, dtype=np.float32)
+    for c in range(3):
+        np.take(_NORMALIZED[c], channels[c], out=out[c])
+    return torch.from_numpy(out)
+
+
 class ToNormalizedTensor:
     """PIL RGB -> ImageNet-normalized FloatTensor [3, H, W]; boxes xyxy pixels -> cxcywh normalized."""
 
     def __call__(self, image, target):
         # numpy, not torch: per-sample ops this small lose more to torch's intra-op thread wake-ups than they gain
         # (10x slower in a busy main process); DataLoader workers run torch single-threaded anyway
-        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # [H, W, 3]
-        normalized = (pixels * (1 / 255) - _MEAN) * (1 / _STD)
-        tensor = torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)))
+        return self.finish(np.asarray(image if image.mode == "RGB" else image.convert("RGB")), target)
+
+    @staticmethod
+    def finish(pixels: np.ndarray, target):
+        """The same from the image's uint8 pixels [H, W, 3]."""
+        tensor = normalize_pixels(pixels)
         h, w = tensor.shape[1:]
         boxes = box_xyxy_to_cxcywh(target["boxes"]) / torch.tensor([w, h, w, h], dtype=torch.float32)
         return tensor, dict(target, boxes=boxes, size=torch.tensor([h, w], dtype=torch.long))
+
+
+@dataclass
+class EvalTransform:
+    """The eval recipe: the short side resized to ``short_side`` (the long side capped at ``max_size``), then
+    ``ToNormalizedTensor``. It is deterministic, so it comes in two halves for a dataset that keeps each image's
+    resized pixels (``ModulatedDetection(memo_images=True)``): ``resize_pixels(image)``, a function of the image
+    alone, and ``finish(pixels, target, width, height)``; calling it runs the two in a row."""
+    short_side: int
+    max_size: int
+
+    def resize_pixels(self, image: Image.Image) -> np.ndarray:
+        """The resized image's uint8 RGB pixels [H', W', 3]."""
+        new_w, new_h = resized_size(image.width, image.height, self.short_side, self.max_size)
+        resized = image.resize((new_w, new_h), Image.BILINEAR)
+        return np.asarray(resized if resized.mode == "RGB" else resized.convert("RGB"))
+
+    def finish(self, pixels: np.ndarray, target: Target, width: int, height: int) -> Tuple[Tensor, Target]:
+        """``pixels`` from ``resize_pixels`` of a ``width`` x ``height`` image, and that image's target."""
+        target = resize_target(target, width, height, pixels.shape[1], pixels.shape[0])
+        return ToNormalizedTensor.finish(pixels, target)
+
+    def __call__(self, image, target):
+        return self.finish(self.resize_pixels(image), target, image.width, image.height)
 
 
 @dataclass(frozen=True)
@@ -178,5 +226,5 @@ def make_transforms(split: str, preset: str = "shapes") -> Compose:
                          RandomResize(p.train_scales, p.max_size)])),
             ToNormalizedTensor()])
     if split in ("val", "test", "eval"):
-        return Compose([RandomResize((p.eval_size,), p.max_size), ToNormalizedTensor()])
+        return EvalTransform(p.eval_size, p.max_size)
     raise ValueError(f"unknown split {split!r} for transforms; expected 'train', 'val', 'test' or 'eval'")

@@ -127,6 +127,13 @@ def box_grid_points(boxes: Tensor, size: int, scale: float) -> Tensor:
     return points.flatten(1, 2)
 
 
+def box_location(boxes: Tensor) -> Tensor:
+    """MAttNet's location vector of each box: boxes [..., 4] (cx, cy, w, h, relative to the image) -> [..., 5]
+    (x0, y0, x1, y1, w * h), all relative to the image."""
+    centre, size = boxes[..., :2], boxes[..., 2:]
+    return torch.cat([centre - size / 2, centre + size / 2, size.prod(-1, keepdim=True)], -1)
+
+
 class BoxRoIRefiner(nn.Module):
     """A second look at each query's box (``box_roi``; not in MDETR; the RoIAlign stage of two-stage detectors):
     features sampled on a grid over the box, enlarged so that its edges are inside, and (``pixels``) the image's
@@ -344,20 +351,26 @@ class AppearanceHead(nn.Module):
     with it its object score, however little its look matches the colour word; the gate lets a mismatched word
     veto the box.
 
-    ``word`` (and ``gate``) start at zero (s = 0: a model loaded without this head starts with its own outputs);
-    ``look`` starts at random, so that the gradient reaches ``word`` from the first step. In float32 or wider."""
+    With ``location`` (``model.appearance_location``) the look also reads where the box is and how big, MAttNet's
+    location vector (its corners and its area, relative to the image), through a Linear of its own added to the
+    first layer's output: a box's pixels, sampled on a fixed grid over it, do not say whether it is small or large.
+
+    ``word``, ``gate`` and ``location`` start at zero (s = 0: a model loaded without this head, or without the
+    location, starts with its own outputs); ``look`` starts at random, so that the gradient reaches ``word`` from
+    the first step. In float32 or wider."""
 
     GRID = 3  # pixel samples per side
     SPAN = 0.3  # of the box's width and height, around its centre: inside the shapes world's stars and triangles
     RATE = 10.0  # as RelationHead's: the word Linear's output is multiplied by this, so that Adam moves it in time
 
-    def __init__(self, d_model: int, dim: int = 64, objectness: bool = False):
+    def __init__(self, d_model: int, dim: int = 64, objectness: bool = False, location: bool = False):
         super().__init__()
         self.look_hidden = nn.Linear(3 * self.GRID ** 2 + d_model, d_model)
         self.look = nn.Linear(d_model, dim)
         self.word = nn.Linear(d_model, dim)
         self.gate = nn.Linear(d_model, 1) if objectness else None
-        for layer in (self.word, self.gate):
+        self.location = nn.Linear(5, d_model) if location else None
+        for layer in (self.word, self.gate, self.location):
             if layer is not None:
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
@@ -374,8 +387,10 @@ class AppearanceHead(nn.Module):
             where = where.movedim(-3, 0).reshape(batch, -1, 4)  # [B, (...) * Q, 4]
             pixels = sample_feature_map(images.float(), box_grid_points(where, self.GRID, self.SPAN), images_valid)
             centre = sample_feature_map(features.float(), where[..., :2], valid)
-            look = torch.cat([pixels.reshape(*where.shape[:2], -1), centre], -1)
-            look = _float_linear(self.look, F.relu(_float_linear(self.look_hidden, look)))  # [B, (...) * Q, dim]
+            look = _float_linear(self.look_hidden, torch.cat([pixels.reshape(*where.shape[:2], -1), centre], -1))
+            if self.location is not None:
+                look = look + _float_linear(self.location, box_location(where))
+            look = _float_linear(self.look, F.relu(look))  # [B, (...) * Q, dim]
             look = look.reshape(batch, *lead, queries, -1).movedim(0, -3)  # [..., B, Q, dim]
             words = _float_linear(self.word, text.transpose(0, 1).float()) * (self.RATE / math.sqrt(look.shape[-1]))
             return look, words.masked_fill(text_padding_mask.bool()[..., None], 0.0)  # [B, L, dim]
@@ -445,6 +460,8 @@ class MDETR(nn.Module):
             logits a score of how each box's pixels and features match each word.
         appearance_objectness: with ``appearance_head``, those scores also move the no-object logits, each word's by
             a learned gate (``AppearanceHead``'s ``objectness``).
+        appearance_location: with ``appearance_head``, each box's look also reads its corners and area
+            (``AppearanceHead``'s ``location``).
     """
 
     def __init__(self, backbone: Joiner, transformer: Transformer, num_queries: int = 100, num_classes: int = 255,
@@ -452,7 +469,7 @@ class MDETR(nn.Module):
                  predict_final: bool = False, query_grid: int = 0, token_head: str = "linear",
                  box_refine: bool = False, qa_layer: int = 0, qa_readout: str = "slots", box_roi: str = "none",
                  qa_no_object_weight: float = 0.1, relation_head: bool = False, appearance_head: bool = False,
-                 appearance_objectness: bool = False):
+                 appearance_objectness: bool = False, appearance_location: bool = False):
         super().__init__()
         layers = len(transformer.decoder.layers)
         if not -layers <= qa_layer < layers:
@@ -505,10 +522,13 @@ class MDETR(nn.Module):
         self.box_roi = box_roi
         self.box_roi_refiner = None if box_roi == "none" else BoxRoIRefiner(d_model, pixels=box_roi == "pixels")
         self.relation_head = RelationHead(d_model) if relation_head else None
-        if appearance_objectness and not appearance_head:
-            raise ValueError("appearance_objectness=True gates the appearance head's scores into the no-object "
-                             "logits; it needs appearance_head=True, got appearance_head=False")
-        self.appearance_head = AppearanceHead(d_model, objectness=appearance_objectness) if appearance_head else None
+        for name, value in (("appearance_objectness", appearance_objectness),
+                            ("appearance_location", appearance_location)):
+            if value and not appearance_head:
+                raise ValueError(f"{name}=True is a part of the appearance head; it needs appearance_head=True, got "
+                                 f"appearance_head=False")
+        self.appearance_head = (AppearanceHead(d_model, objectness=appearance_objectness, location=appearance_location)
+                                if appearance_head else None)
 
     def encode(self, images: Tensor, mask: Tensor, captions: Sequence[str]) -> Dict[str, Any]:
         """images [B, 3, H, W], mask [B, H, W] (True = pad), captions: B strings -> memory cache (see
@@ -651,7 +671,8 @@ def build_mdetr(backbone: str = "tf_efficientnet_lite0", pretrained_backbone: bo
                 predict_final: bool = False, query_grid: int = 0, token_head: str = "linear", box_refine: bool = False,
                 qa_layer: int = 0, qa_readout: str = "slots", spatial_attention: str = "none", box_roi: str = "none",
                 qa_no_object_weight: float = 0.1, relation_head: bool = False, appearance_head: bool = False,
-                appearance_objectness: bool = False, attention_backend: str = "reference",
+                appearance_objectness: bool = False, appearance_location: bool = False,
+                attention_backend: str = "reference",
                 load_backbone_weights: bool = True, text_encoder_config: Optional[PretrainedConfig] = None) -> MDETR:
     """MDETR with explicit settings (defaults: the paper's sizes on the embedded lite0 + MiniLM encoders).
 
@@ -676,7 +697,7 @@ def build_mdetr(backbone: str = "tf_efficientnet_lite0", pretrained_backbone: bo
                  query_grid=query_grid, token_head=token_head, box_refine=box_refine, qa_layer=qa_layer,
                  qa_readout=qa_readout, box_roi=box_roi, qa_no_object_weight=qa_no_object_weight,
                  relation_head=relation_head, appearance_head=appearance_head,
-                 appearance_objectness=appearance_objectness)
+                 appearance_objectness=appearance_objectness, appearance_location=appearance_location)
 
 
 def param_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:

@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from mdetr.config import in_module, top_modules
+
 LATEST = "checkpoint.pth"
 
 
@@ -204,10 +206,10 @@ def load_weights(model, path: str | Path, verbose: bool = True, trusted: bool = 
     state = saved["ema"] if saved.get("ema") else saved["model"]
     skipped = {}
     for name in skip:
-        keys = [key for key in state if key == name or key.startswith(name + ".")]
+        keys = [key for key in state if in_module(key, name)]
         if not keys:
             raise ValueError(f"train.load_skip: {name!r} matches no tensor of {str(path)!r} (expected a module name "
-                             f"such as {sorted({key.split('.')[0] for key in state})[:6]})")
+                             f"such as {top_modules(state, limit=6)})")
         skipped.update((key, state[key]) for key in keys)
     state = {key: value for key, value in state.items() if key not in skipped}
     unexpected, missing, mismatched = state_dict_differences(model, state)

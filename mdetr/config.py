@@ -12,7 +12,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import yaml
 
@@ -518,6 +518,16 @@ def validate(cfg: Config) -> None:
 def module_names(text: str) -> List[str]:
     """The module names of a comma-separated setting (``train.load_skip``, ``optim.clip_groups``)."""
     return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def in_module(key: str, module: str) -> bool:
+    """Whether the tensor or parameter name ``key`` belongs to ``module`` (as such settings name them)."""
+    return key == module or key.startswith(module + ".")
+
+
+def top_modules(keys: Iterable[str], limit: int = 8) -> List[str]:
+    """The first ``limit`` top-level module names among ``keys``, sorted: examples for an error message."""
+    return sorted({key.split(".")[0] for key in keys})[:limit]
 
 
 def from_dict(tree: Dict[str, Any]) -> Config:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mdetr import distributed as dist_utils
-from mdetr.config import OptimConfig, module_names
+from mdetr.config import OptimConfig, in_module, module_names, top_modules
 from mdetr.models import param_groups
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -218,19 +218,17 @@ def gradient_clip_groups(model: nn.Module, names: Sequence[str]) -> List[List[nn
     """The parameter groups whose gradient norms are clipped each on its own (``optim.clip_groups``): one per module
     in ``names``, then all other parameters (MDETR: ``names`` empty, one group). A name that matches no trainable
     parameter is an error."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
+    model = unwrap(model)
     wanted = list(names)
     groups: List[List[nn.Parameter]] = [[] for _ in range(len(wanted) + 1)]
     for key, param in model.named_parameters():
         if param.requires_grad:
-            index = next((i for i, name in enumerate(wanted) if key == name or key.startswith(name + ".")),
-                         len(wanted))
+            index = next((i for i, name in enumerate(wanted) if in_module(key, name)), len(wanted))
             groups[index].append(param)
     for name, group in zip(wanted, groups):
         if not group:
             raise ValueError(f"optim.clip_groups: {name!r} matches no trainable parameter of the model (expected "
-                             f"module names such as {sorted({k.split('.')[0] for k, _ in model.named_parameters()})[:8]})")
+                             f"module names such as {top_modules(k for k, _ in model.named_parameters())})")
     return [group for group in groups if group]
 
 

@@ -37,13 +37,13 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> t
 
 def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: int, step: int, total_steps: int,
                          cfg: OptimConfig) -> None:
-    """MDETR's schedule: main and backbone lr drop 10x at epoch ``lr_drop`` (or after ``lr_drop_step`` optimizer
-    steps, when set); the text encoder warms up linearly over ``warmup_fraction`` of all steps, then decays
+    """MDETR's schedule: main and backbone lr drop by ``lr_gamma`` (0.1) at epoch ``lr_drop`` (or after
+    ``lr_drop_step`` optimizer steps, when set); the text encoder warms up linearly over ``warmup_fraction`` of all steps, then decays
     linearly to 0."""
     if cfg.lr_drop_step > 0:
-        gamma = 0.1 if step >= cfg.lr_drop_step else 1.0
+        gamma = cfg.lr_gamma if step >= cfg.lr_drop_step else 1.0
     else:
-        gamma = 0.1 ** (epoch // cfg.lr_drop) if cfg.lr_drop > 0 else 1.0
+        gamma = cfg.lr_gamma ** (epoch // cfg.lr_drop) if cfg.lr_drop > 0 else 1.0
     warmup = round(cfg.warmup_fraction * total_steps)
     if step < warmup:
         text_gamma = step / max(1, warmup)

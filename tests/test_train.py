@@ -385,8 +385,13 @@ def test_lr_schedule_drops_at_the_epoch_or_the_step():
     cfg.lr_drop_step = 50  # the step wins over the epoch
     assert lrs(5, 49)[:2] == [1e-3, 1e-4]
     assert lrs(0, 50)[:2] == [1e-4, 1e-5]
+    cfg.lr_gamma = 0.25  # another factor
+    assert lrs(0, 50)[:2] == [2.5e-4, 2.5e-5] and lrs(0, 49)[:2] == [1e-3, 1e-4]
     with pytest.raises(ValueError, match="optim.lr_drop_step must be >= 0"):
         C.resolve("shapes", None, ["--optim.lr_drop_step=-1"])
+    for bad in ("0", "1.5"):
+        with pytest.raises(ValueError, match=r"optim.lr_gamma must be in \(0, 1\]"):
+            C.resolve("shapes", None, [f"--optim.lr_gamma={bad}"])
 
 
 def test_step_interval_validates_within_epochs_once_per_step(shapes_root, tmp_path):

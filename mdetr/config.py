@@ -110,7 +110,7 @@ class OptimConfig:
     clip_groups: str = ""  # comma-separated modules (e.g. "appearance_head,relation_head") whose gradients are
     # clipped to clip_max_norm on their own, each apart from the rest (not in MDETR, which clips the total norm)
     epochs: int = 40
-    lr_drop: int = 35  # epoch at which the main and backbone lr drop 10x
+    lr_drop: int = 35  # epoch at which the main and backbone lr drop (by lr_gamma: 10x)
     lr_drop_step: int = 0  # > 0: the drop comes after this many optimizer steps instead (runs shorter than an epoch
     # or two, e.g. under train.time_limit_min)
     lr_gamma: float = 0.1  # factor of that drop (MDETR's 0.1)

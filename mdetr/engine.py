@@ -38,8 +38,8 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> t
 def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: int, step: int, total_steps: int,
                          cfg: OptimConfig) -> None:
     """MDETR's schedule: main and backbone lr drop by ``lr_gamma`` (0.1) at epoch ``lr_drop`` (or after
-    ``lr_drop_step`` optimizer steps, when set); the text encoder warms up linearly over ``warmup_fraction`` of all steps, then decays
-    linearly to 0."""
+    ``lr_drop_step`` optimizer steps, when set); the text encoder warms up linearly over ``warmup_fraction`` of all
+    steps, then decays linearly to 0."""
     if cfg.lr_drop_step > 0:
         gamma = cfg.lr_gamma if step >= cfg.lr_drop_step else 1.0
     else:

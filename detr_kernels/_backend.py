@@ -156,6 +156,8 @@ def report(choices: Dict[str, str], device: torch.device | str, printer=print) -
         extra = ""
         if op == "matcher" and name in ("cpp", "cuda"):
             extra = f"  [compiled op: {matcher_extension_status()[2]}]"
+        elif op == "attention" and name == "sdpa" and torch.device(device).type == "cpu":
+            extra = "  [bf16 / fp16 inputs computed in fp32: faster on the CPU]"
         lines.append(f"  {op:<{width}}  {name}{extra}")
     printer("\n".join(lines))
 

@@ -224,6 +224,28 @@ def test_attn_bias_sdpa_and_reference_agree_with_gradients(case):
     assert_close_verbose(out, v[:, :, :1].expand_as(out), 1e-12, 0.0, "bias selects key 0")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+def test_sdpa_on_cpu_computes_low_precision_in_fp32(dtype, autocast):
+    """On the CPU, SDPA's bf16 / fp16 inputs are computed in fp32 (PyTorch's CPU flash attention is slower in bf16
+    than in fp32), also under autocast (which would cast SDPA back down): the output and the gradients are those
+    of the fp32 computation on the same low-precision numbers, rounded once, in the inputs' dtype."""
+    B, H, Lq, Lk, D = 2, 8, 100, 41, 32
+    mask = make_mask("mdetr", B, Lk, torch.Generator().manual_seed(8), device="cpu")
+    *tensors, bias = qkv(B, H, Lq, Lk, D, dtype, device="cpu", seed=9) + [
+        torch.randn(1, H, Lq, Lk, generator=torch.Generator().manual_seed(10)).to(dtype).requires_grad_()]
+    dout = torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(11)).to(dtype)
+    with torch.autocast("cpu", dtype=dtype, enabled=autocast):  # the forward only, as in training
+        out = attention(*tensors, mask, backend="sdpa", attn_bias=bias)
+    got = [out, *torch.autograd.grad(out, [*tensors, bias], dout)]
+    leaves = [t.detach().float().requires_grad_() for t in (*tensors, bias)]
+    want = run_with_grads(lambda a, b, c, d: attention(a, b, c, mask, backend="sdpa", attn_bias=d), leaves,
+                          dout.float())
+    for name, g, w in zip(NAMES + ("dbias",), got, want):
+        assert g.dtype == dtype, f"{name}: {g.dtype}"
+        assert torch.equal(g, w.to(dtype)), f"{name}: not the fp32 result rounded to {dtype}"
+
+
 def test_attn_bias_errors():
     q, k, v = (t.detach() for t in qkv(2, 2, 3, 5, 16, torch.float32))
     with pytest.raises(TypeError, match="attn_bias must be a float tensor"):

@@ -28,6 +28,7 @@ def tiny_config(root, out_dir, **overrides) -> C.Config:
         "model.dim_feedforward": 64, "model.num_queries": 9, "model.query_grid": 3, "model.freeze_text_encoder": True,
         "optim.epochs": 2, "optim.lr_drop": 10, "optim.lr": 5e-4, "train.output_dir": out_dir, "train.log_every": 1,
         "train.threads": 2, "train.keep_checkpoints": 0,  # the resume test starts from the first epoch's file
+        "train.precision": "fp32",  # the preset's bf16 has its own test (test_bf16_run_trains_and_resumes_exactly)
     }
     items.update(overrides)
     return C.resolve("shapes", None, [f"--{k}={v}" for k, v in items.items()])
@@ -132,6 +133,21 @@ def test_resume_reproduces_the_next_steps_exactly(shapes_root, tmp_path, capsys)
     resumed, _ = train_losses(tiny_config(shapes_root, str(tmp_path / "f"),
                                           **{"train.resume": str(tmp_path / "e" / "checkpoint_epoch0000.pth")}))
     assert resumed == pytest.approx(cached[steps_per_epoch:], rel=1e-5, abs=0)
+
+
+@pytest.mark.slow
+def test_bf16_run_trains_and_resumes_exactly(shapes_root, tmp_path):
+    """The shapes preset's bf16 autocast on the CPU (attention in fp32 inside it): the loss falls, and a run resumed
+    from the first epoch's checkpoint continues with the same losses bit for bit."""
+    assert C.preset("shapes").train.precision == "bf16"
+    bf16 = {"train.precision": "bf16", "train.cache_features": False, "optim.epochs": 3}
+    losses, result = train_losses(tiny_config(shapes_root, str(tmp_path / "a"), **bf16))
+    assert all(math.isfinite(x) for x in losses) and result["state"].epoch == 3
+    assert sum(losses[-2:]) / 2 < 0.9 * sum(losses[:2]) / 2, losses
+    per_epoch = len(losses) // 3
+    resumed, _ = train_losses(tiny_config(shapes_root, str(tmp_path / "b"), **bf16, **{
+        "train.resume": str(tmp_path / "a" / "checkpoint_epoch0000.pth")}))
+    assert resumed == losses[per_epoch:]
 
 
 class _CountingCriterion(torch.nn.Module):

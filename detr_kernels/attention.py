@@ -15,7 +15,7 @@ Backends (chosen only by ``detr_kernels._backend.resolve``):
   and ``--fused`` run, on CPU and on CUDA: ``detr_kernels._backend`` says why), PyTorch's dropout. On the CPU,
   bf16 / fp16 inputs (autocast) are computed in fp32 and the output cast back: PyTorch's CPU flash-attention
   kernels are slower in bf16 than in fp32 (the default model's step, 2-core AMD EPYC, torch 2.14: its 9
-  attention backward calls took 97 ms in bf16 against 41 ms in fp32), while the matmuls around them gain 2x.
+  attention backward calls took 97 ms per step in bf16 against 41 ms in fp32), while the matmuls around them gain 2x.
 - ``reference``: ``attention_reference``, plain PyTorch math, float64-capable, PyTorch's dropout.
 
 A batch element whose keys are ALL padded: ``triton`` and ``sdpa`` return zeros for it (and zero gradients);

@@ -38,10 +38,17 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> t
 def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: int, step: int, total_steps: int,
                          cfg: OptimConfig) -> None:
     """MDETR's schedule: main and backbone lr drop by ``lr_gamma`` (0.1) at epoch ``lr_drop`` (or after
-    ``lr_drop_step`` optimizer steps, when set); the text encoder warms up linearly over ``warmup_fraction`` of all
-    steps, then decays linearly to 0."""
+    ``lr_drop_step`` optimizer steps, when set; with ``lr_ramp_steps`` the drop is a linear decay over that many
+    steps, complete at ``lr_drop_step``); the text encoder warms up linearly over ``warmup_fraction`` of all steps,
+    then decays linearly to 0."""
     if cfg.lr_drop_step > 0:
-        gamma = cfg.lr_gamma if step >= cfg.lr_drop_step else 1.0
+        left = cfg.lr_drop_step - step  # steps until the drop is complete
+        if left <= 0:
+            gamma = cfg.lr_gamma
+        elif left >= cfg.lr_ramp_steps:  # before the ramp (or no ramp): exactly 1
+            gamma = 1.0
+        else:
+            gamma = cfg.lr_gamma + (1.0 - cfg.lr_gamma) * left / cfg.lr_ramp_steps
     else:
         gamma = cfg.lr_gamma ** (epoch // cfg.lr_drop) if cfg.lr_drop > 0 else 1.0
     warmup = round(cfg.warmup_fraction * total_steps)

@@ -1,4 +1,5 @@
 """Data loading: positive maps, the annotation reader and its errors, transforms, collate, loaders, box ops."""
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -11,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from mdetr.boxes import (box_cxcywh_to_xyxy, box_iou, box_xywh_to_xyxy, box_xyxy_to_cxcywh,
                          elementwise_generalized_box_iou, generalized_box_iou)
-from mdetr.config import DataConfig
+from mdetr.config import DataConfig, preset as config_preset
 from mdetr.data import ModulatedDetection, build_dataset, build_loader, collate_fn, create_positive_map
 from mdetr.data.sampler import GroupedBatchSampler, aspect_ratios, quantile_groups
 from mdetr.data.synthetic import COLORS, generate_shapes_dataset
@@ -251,6 +252,14 @@ def test_reader_reads_several_files_as_one(tmp_path, tokenizer):
         ModulatedDetection(tmp_path, [qa, tmp_path / "nope.json"], tokenizer)
     with pytest.raises(ValueError, match="at least one annotation file"):
         ModulatedDetection(tmp_path, [], tokenizer)
+    # repeats: the files in order, then the files named more than once again, in rounds
+    other = write("other.json", [{"id": 4, "caption": "a box"}], [ann(4, [1, 1, 5, 5], [[0, 5]])])
+    repeated = ModulatedDetection(tmp_path, [qa, grounding, other], tokenizer, repeats=[3, 1, 2])
+    assert [e["id"] for e in repeated.entries] == [1, 2, 3, 4, 1, 2, 4, 1, 2]
+    assert repeated[6][1]["boxes"].tolist() == repeated[3][1]["boxes"].tolist() and len(repeated[7][1]["boxes"]) == 1
+    for bad in ([1], [1, 0], [2, 1.5]):
+        with pytest.raises(ValueError, match="repeats must give each of the 2 annotation files an integer >= 1"):
+            ModulatedDetection(tmp_path, [qa, grounding], tokenizer, repeats=bad)
 
 
 def test_config_names_several_annotation_files():
@@ -258,12 +267,21 @@ def test_config_names_several_annotation_files():
 
     cfg = DataConfig(train_ann="shapes_qa_train.json, shapes_grounding_train.json", val_ann="a_val.json,b_val.json")
     root = Path(cfg.root) / "annotations"
-    assert _ann_paths(cfg, "train", None) == [root / "shapes_qa_train.json", root / "shapes_grounding_train.json"]
-    assert _ann_paths(cfg, "test", None) == [root / "a_test.json", root / "b_test.json"]
-    assert _ann_paths(cfg, "test", "/x/mine.json") == [Path("/x/mine.json")]  # named: not derived
+    assert _ann_paths(cfg, "train", None) == [(root / "shapes_qa_train.json", 1),
+                                               (root / "shapes_grounding_train.json", 1)]
+    assert _ann_paths(cfg, "test", None) == [(root / "a_test.json", 1), (root / "b_test.json", 1)]
+    assert _ann_paths(cfg, "test", "/x/mine.json") == [(Path("/x/mine.json"), 1)]  # named: not derived
     cfg.train_ann = "shapes_qa_train.json,"
     with pytest.raises(ValueError, match="annotation files: expected file names joined by ','"):
         _ann_paths(cfg, "train", None)
+    cfg.train_ann = "a.json*2, b.json ,/x/c.json * 3"  # a repeat count after '*'
+    assert _ann_paths(cfg, "train", None) == [(root / "a.json", 2), (root / "b.json", 1), (Path("/x/c.json"), 3)]
+    for bad in ("a.json*0", "a.json*", "a.json*1.5", "*2", "a.json*x"):
+        cfg.train_ann = bad
+        with pytest.raises(ValueError, match=r"a repeat count is '\*N' after the name, N an integer >= 1"):
+            _ann_paths(cfg, "train", None)
+    with pytest.raises(ValueError, match="only training files repeat .* split 'val'"):
+        _ann_paths(cfg, "val", "a_val.json*2")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,7 +328,8 @@ def test_test_split_file_comes_from_the_val_file_name():
     from mdetr.data import _ann_paths
 
     cfg = DataConfig(dataset="mdetr", root="/data/my_val", val_ann="refs_val/final_refcocog_val.json")
-    assert _ann_paths(cfg, "test", None) == [Path("/data/my_val/refs_val/final_refcocog_test.json")]  # the name only
+    # the name only
+    assert _ann_paths(cfg, "test", None) == [(Path("/data/my_val/refs_val/final_refcocog_test.json"), 1)]
     cfg = DataConfig(dataset="mdetr", root="/data", val_ann="finetune_gqa_testdev_balanced.json")
     with pytest.raises(ValueError, match=r"split 'test': no test file to derive from data.val_ann="
                                          r"'finetune_gqa_testdev_balanced.json'.*--ann FILE"):
@@ -552,6 +571,11 @@ def test_build_dataset_from_config(tmp_path, tokenizer):
     val = build_dataset(cfg, "val", tokenizer)
     assert train.ann_file.name == "shapes_mixed_train.json" and val.ann_file.name == "shapes_refexp_val.json"
     assert len(train) > 3 and train[0][1]["boxes"].shape[1] == 4
+    # the shapes preset's training files: the mixed file's entries, then the referring expressions again
+    files = config_preset("shapes").data.train_ann
+    repeated = build_dataset(dataclasses.replace(cfg, train_ann=files), "train", tokenizer)
+    refexp = json.loads((tmp_path / "shapes" / "annotations" / "shapes_refexp_train.json").read_text())["images"]
+    assert [e["id"] for e in repeated.entries] == [e["id"] for e in train.entries] + [e["id"] for e in refexp]
     cfg.dataset = "mdetr"
     cfg.root = str(tmp_path / "shapes" / "annotations")
     cfg.image_dir = str(tmp_path / "shapes" / "images")

@@ -403,6 +403,15 @@ def test_lr_schedule_drops_at_the_epoch_or_the_step():
     assert lrs(0, 50)[:2] == [1e-4, 1e-5]
     cfg.lr_gamma = 0.25  # another factor
     assert lrs(0, 50)[:2] == [2.5e-4, 2.5e-5] and lrs(0, 49)[:2] == [1e-3, 1e-4]
+    cfg.lr_ramp_steps = 20  # the drop spread linearly over steps 30..50
+    assert lrs(0, 30)[:2] == [1e-3, 1e-4] and lrs(0, 10)[:2] == [1e-3, 1e-4]
+    assert lrs(0, 40)[:2] == [round(1e-3 * 0.625, 12), round(1e-4 * 0.625, 12)]  # half-way: (1 + 0.25) / 2
+    assert lrs(0, 49)[0] == round(1e-3 * (0.25 + 0.75 / 20), 12)
+    assert lrs(0, 50)[:2] == [2.5e-4, 2.5e-5] and lrs(9, 900)[:2] == [2.5e-4, 2.5e-5]
+    with pytest.raises(ValueError, match=r"optim.lr_ramp_steps must be 0 or in 1..optim.lr_drop_step=0"):
+        C.resolve("shapes", None, ["--optim.lr_drop_step=0", "--optim.lr_ramp_steps=10"])
+    with pytest.raises(ValueError, match=r"optim.lr_ramp_steps must be 0 or in 1..optim.lr_drop_step=5"):
+        C.resolve("shapes", None, ["--optim.lr_drop_step=5", "--optim.lr_ramp_steps=6"])
     with pytest.raises(ValueError, match="optim.lr_drop_step must be >= 0"):
         C.resolve("shapes", None, ["--optim.lr_drop_step=-1"])
     for bad in ("0", "1.5"):

@@ -38,9 +38,11 @@ def ensure_shapes_dataset(root, **sizes) -> Path:
     return ensure(root, **sizes)
 
 
-def _ann_paths(data_cfg, split: str, ann_file: Optional[str]) -> List[Path]:
-    """The split's annotation files: ``ann_file``, else data.train_ann / data.val_ann (test: the val files with
-    '_val' -> '_test'); each may name several files joined by ',' (read as one dataset)."""
+def _ann_paths(data_cfg, split: str, ann_file: Optional[str]) -> List[Tuple[Path, int]]:
+    """The split's annotation files, each with how many times its entries are read: ``ann_file``, else
+    data.train_ann / data.val_ann (test: the val files with '_val' -> '_test'); each may name several files joined
+    by ',' (read as one dataset), and a training file's name may end in ``*N``, N >= 1: its entries are read N
+    times (``ModulatedDetection``'s ``repeats``)."""
     derive_test = ann_file is None and split == "test"
     if ann_file is None:
         if split == "train":
@@ -52,6 +54,20 @@ def _ann_paths(data_cfg, split: str, ann_file: Optional[str]) -> List[Path]:
     names = [name.strip() for name in str(ann_file).split(",")]
     if not all(names):
         raise ValueError(f"annotation files: expected file names joined by ',', got {ann_file!r}")
+    repeats = []
+    for i, name in enumerate(names):
+        base, star, times = name.rpartition("*")
+        times = times.strip()
+        if not star:
+            repeats.append(1)
+            continue
+        if not (base and times.isdigit() and int(times) >= 1):
+            raise ValueError(f"annotation file {name!r}: a repeat count is '*N' after the name, N an integer >= 1")
+        if split != "train":
+            raise ValueError(f"annotation file {name!r}: only training files repeat (an evaluation would count "
+                             f"the repeated entries again); split {split!r}")
+        names[i] = base.strip()
+        repeats.append(int(times))
     if derive_test:
         for name in names:
             if "_val" not in Path(name).name:
@@ -65,7 +81,7 @@ def _ann_paths(data_cfg, split: str, ann_file: Optional[str]) -> List[Path]:
         path = Path(name)
         paths.append(path if path.is_absolute() else
                      root / "annotations" / path if data_cfg.dataset == "shapes" else root / path)
-    return paths
+    return list(zip(paths, repeats))
 
 
 def _ensure_from_config(data_cfg) -> Path:
@@ -91,10 +107,12 @@ def build_dataset(data_cfg, split: str, tokenizer, ann_file: Optional[str] = Non
     image_dir = Path(data_cfg.image_dir) if data_cfg.image_dir else Path(data_cfg.root) / "images"
     # data.augment=false: the train split gets the deterministic eval transform (what the feature cache needs)
     transform_split = "eval" if split == "train" and not data_cfg.augment else split
-    return ModulatedDetection(image_dir, _ann_paths(data_cfg, split, ann_file), tokenizer,
+    files = _ann_paths(data_cfg, split, ann_file)
+    return ModulatedDetection(image_dir, [path for path, _ in files], tokenizer,
                               make_transforms(transform_split, data_cfg.transforms),
                               answer_vocab=answer_vocab if answer_vocab is not None else _answer_vocab(data_cfg),
-                              memo_images=data_cfg.memo_images if memo_images is None else memo_images)
+                              memo_images=data_cfg.memo_images if memo_images is None else memo_images,
+                              repeats=[times for _, times in files])
 
 
 def _answer_vocab(data_cfg):

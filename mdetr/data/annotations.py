@@ -28,7 +28,8 @@ answer             str                           QA only, the raw answer; plus a
 
 Several annotation files (``ann_file`` a list) make one dataset: their entries in file order. Entry ids must be
 unique across the files (an annotation belongs to the entry of its ``image_id``); where their ``info`` dicts
-share a key, the earlier file's value holds.
+share a key, the earlier file's value holds. ``repeats`` (training) reads a file's entries more than once, in
+rounds: after the files in order, the files named at least twice again, in order, and so on.
 In a QA dataset, an entry without ``answer`` (e.g. a grounding sentence mixed into a QA fine-tune) trains the
 detection losses only: its ``answer_type`` and every ``answer_<head>`` are -100, which the QA losses ignore.
 
@@ -109,11 +110,15 @@ class ModulatedDetection(Dataset):
     def __init__(self, image_dir: Union[str, Path], ann_file: Union[str, Path, Sequence[Union[str, Path]]],
                  tokenizer, transforms=None, max_tokens: int = 256,
                  answer_vocab: Optional[Union[Sequence[str], Dict[str, Dict[str, int]]]] = None,
-                 memo_images: bool = False):
+                 memo_images: bool = False, repeats: Optional[Sequence[int]] = None):
         self.image_dir = Path(image_dir)
         files = [Path(ann_file)] if isinstance(ann_file, (str, Path)) else [Path(f) for f in ann_file]
         if not files:
             raise ValueError("ann_file must name at least one annotation file, got an empty list")
+        repeats = [1] * len(files) if repeats is None else list(repeats)
+        if len(repeats) != len(files) or not all(isinstance(n, int) and n >= 1 for n in repeats):
+            raise ValueError(f"repeats must give each of the {len(files)} annotation files an integer >= 1 (how many "
+                             f"times its entries are read), got {repeats}")
         self.ann_file = files[0] if len(files) == 1 else Path("+".join(str(f) for f in files))  # for messages
         self.tokenizer = tokenizer
         self.transforms = transforms if transforms is not None else Compose([ToNormalizedTensor()])
@@ -124,6 +129,7 @@ class ModulatedDetection(Dataset):
         self.entries: List[dict] = []
         self.annotations: Dict[int, List[dict]] = {}
         owner: Dict[int, Path] = {}  # entry id -> the file that holds it
+        per_file: List[List[dict]] = []  # each file's entries, for the repeats
         for path in files:
             if not path.is_file():
                 raise ValueError(f"annotation file {str(path)!r} does not exist")
@@ -137,8 +143,13 @@ class ModulatedDetection(Dataset):
                                      f"must be unique")
                 owner[entry["id"]] = path
             self.entries.extend(data["images"])
+            per_file.append(data["images"])
             for ann in data.get("annotations", []):
                 self.annotations.setdefault(ann["image_id"], []).append(ann)
+        for again in range(1, max(repeats)):  # the further rounds: the same entry dicts, read again
+            for entries, times in zip(per_file, repeats):
+                if times > again:
+                    self.entries.extend(entries)
         self.qa = self._qa_scheme()
         self.answer_vocab = self._answer_vocab(answer_vocab)
 
